@@ -1,0 +1,110 @@
+"""What the agent sees, as typed data: the input of every detector.
+
+One ``Snapshot`` per tick. A domain that was not observed (no Kubernetes observer
+yet, or the host probe failed) is ``None``, never an empty list: detectors must not
+read "I could not look" as "there is nothing wrong". The same JSON is the format of
+recorded incidents (docs/incidents.md).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.catalog import Target
+
+
+class Obs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeCondition(Obs):
+    type: str
+    status: str
+    reason: str = ""
+    since: datetime | None = None
+
+
+class NodeObs(Obs):
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    unschedulable: bool = False
+    conditions: tuple[NodeCondition, ...] = ()
+
+    def condition(self, kind: str) -> NodeCondition | None:
+        return next((c for c in self.conditions if c.type == kind), None)
+
+
+class ContainerObs(Obs):
+    name: str
+    restarts: int = 0
+    ready: bool = False
+    waiting_reason: str = ""
+
+
+class PodObs(Obs):
+    namespace: str
+    name: str
+    node: str | None = None
+    phase: str = "Pending"
+    owner: Target | None = Field(default=None, description="The top-level workload, if any.")
+    containers: tuple[ContainerObs, ...] = ()
+
+
+class ApiProbe(Obs):
+    """One attempt to reach the API server along one path (TCP, /readyz, kubelet view…)."""
+
+    path: str
+    ok: bool
+    error: str = ""
+
+
+class UnitObs(Obs):
+    """A systemd unit on this host (names as in ``systemctl show``)."""
+
+    name: str
+    load_state: str = "loaded"  # "not-found": the unit does not exist here, so it cannot be failed
+    active_state: str
+    sub_state: str = ""
+    n_restarts: int = 0
+
+
+class PeerObs(Obs):
+    persona: str
+    last_heartbeat: datetime | None = None
+    host: str = ""
+
+
+class LeaseObs(Obs):
+    key: str
+    repair: str
+    holder: str
+    expires: datetime
+
+
+class HostHealth(Obs):
+    disk_free_fraction: float | None = None
+    memory_available_fraction: float | None = None
+    memory_pressure_some_avg10: float | None = None
+
+
+class SourceStatus(Obs):
+    """How an observer fared this tick: the evidence of what was and was not seen."""
+
+    ok: bool
+    detail: str = ""
+
+
+class Snapshot(Obs):
+    at: datetime
+    host: str = ""
+    nodes: tuple[NodeObs, ...] | None = None
+    pods: tuple[PodObs, ...] | None = None
+    apiserver: tuple[ApiProbe, ...] | None = None
+    units: tuple[UnitObs, ...] | None = None
+    peers: tuple[PeerObs, ...] | None = None
+    leases: tuple[LeaseObs, ...] | None = None
+    health: HostHealth | None = None
+    sources: dict[str, SourceStatus] = Field(default_factory=dict)
