@@ -6,6 +6,8 @@ import base64
 import binascii
 
 import nkeys
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 _USER_PREFIX = nkeys.PREFIX_BYTE_USER
 _OPERATOR_PREFIX = nkeys.PREFIX_BYTE_OPERATOR
@@ -32,5 +34,40 @@ def check_user_public_key(key: str) -> str:
 
 
 def check_operator_public_key(key: str) -> str:
-    """Return ``key`` if it is a well-formed public operator nkey (``O…``), else raise ValueError."""
+    """Return ``key`` if it is a well-formed operator nkey (``O…``), else raise ValueError."""
     return _check_public(key, _OPERATOR_PREFIX, "O")
+
+
+def _raw_public(key: str) -> bytes:
+    return base64.b32decode(key.encode("ascii"))[1:33]
+
+
+class Signer:
+    """Signs with a persona's nkey seed. The seed never leaves this object."""
+
+    def __init__(self, seed: bytes) -> None:
+        try:
+            self._pair = nkeys.from_seed(bytearray(seed.strip()))
+        except (nkeys.NkeysError, ValueError, binascii.Error) as exc:
+            raise ValueError("not an nkey seed (expected a line starting with 'SU')") from exc
+        self.public_key: str = self._pair.public_key.decode("ascii")
+
+    def sign(self, data: bytes) -> bytes:
+        signature: bytes = self._pair.sign(data)
+        return signature
+
+
+def verify(public_key: str, data: bytes, signature: bytes) -> bool:
+    """True if ``signature`` is ``public_key``'s ed25519 signature of ``data``."""
+    try:
+        VerifyKey(_raw_public(public_key)).verify(data, signature)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+def generate_user_seed() -> bytes:
+    """A fresh user nkey seed (``SU…``)."""
+    raw = bytes(SigningKey.generate())
+    seed: bytes = nkeys.encode_seed(raw, _USER_PREFIX)
+    return seed

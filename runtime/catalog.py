@@ -11,30 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bus.messages import Target, TargetKind
 from runtime.durations import Duration
-
-TargetKind = Literal["node", "pod", "deployment", "statefulset", "daemonset", "unit", "host",
-                     "persona", "lease", "apiserver", "humans"]
-
-
-class Target(BaseModel):
-    """What an action acts on. ``key`` is the lease key on the bus (``node.worker-1``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: TargetKind
-    name: str
-    namespace: str | None = None
-    host: str | None = None
-
-    @property
-    def key(self) -> str:
-        scoped = f"{self.namespace}/{self.name}" if self.namespace else self.name
-        return f"{self.kind}.{scoped}"
 
 
 class Params(BaseModel):
@@ -46,8 +27,9 @@ class NoParams(Params):
 
 
 class DrainParams(Params):
-    timeout: Duration = Field(default=timedelta(minutes=5),
-                              description="Give up evicting after this long and report what is left.")
+    timeout: Duration = Field(
+        default=timedelta(minutes=5),
+        description="Give up evicting after this long and report what is left.")
 
 
 class PodDeleteParams(Params):

@@ -83,10 +83,16 @@ class PersonaSpec(Model):
     tick: Duration = timedelta(seconds=15)
     brain: RulesBrain = RulesBrain()
 
+    @field_validator("tier")
+    @classmethod
+    def _grantable(cls, tier: scoping.Tier) -> scoping.Tier:
+        # A field validator, not the model one below, so the error points at `tier:`.
+        if tier in scoping.NEVER_GRANTED:
+            raise ValueError(f"tier {tier.value!r} is never granted to a daemon")
+        return tier
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.tier in scoping.NEVER_GRANTED:
-            raise ValueError(f"tier {self.tier.value!r} is never granted to a daemon")
         granted = self.effective_scopes
         needs = {"propose": "bus:propose", "vote": "bus:vote", "veto": "bus:veto"}
         for duty in self.duties:

@@ -1,4 +1,4 @@
-"""Durations written the way operators write them in Prometheus rules: ``15s``, ``2m``, ``1h30m``."""
+"""Durations written the way operators write them in Prometheus rules: ``15s``, ``2m``."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 def parse_duration(text: str) -> timedelta:
     """Parse ``1h30m``-style text; raise ValueError saying what was expected."""
     text = text.strip()
-    pos, total = 0, 0.0
+    pos, total, previous = 0, 0.0, float("inf")
     while pos < len(text):
         match = _PART.match(text, pos)
-        if match is None:
+        # Units must go from large to small, each at most once: `5s1h` or `1m1m` is
+        # more likely a typo than a duration anyone meant.
+        if match is None or _UNIT_SECONDS[match.group(2)] >= previous:
             break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        previous = _UNIT_SECONDS[match.group(2)]
+        total += float(match.group(1)) * previous
         pos = match.end()
     if not text or pos != len(text):
         raise ValueError(

@@ -35,7 +35,8 @@ class ConfigError:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        label = f"{self.field}: " if self.field else ""
+        return f"{where}: {label}{self.message}"
 
 
 class ConfigInvalidError(Exception):
@@ -69,6 +70,8 @@ class ConfigSet:
     policies: dict[str, Located[RepairPolicy]] = field(default_factory=dict)
     fleet: Fleet = DEFAULT_FLEET
     fleet_file: str | None = None
+    # Where the Fleet document came from, so errors found later point at its lines.
+    fleet_located: Located[Fleet] | None = field(default=None, repr=False)
     errors: list[ConfigError] = field(default_factory=list)
     # (kind, name) of documents that failed validation, so references to them are
     # not reported a second time as "no such policy".
@@ -108,10 +111,8 @@ def _present_path(node: Any, loc: Sequence[str | int]) -> list[str | int]:
     """The part of a pydantic error location that exists in the document (drops union tags)."""
     out: list[str | int] = []
     for part in loc:
-        if isinstance(node, CommentedMap) and part in node:
-            node = node[part]
-            out.append(part)
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, CommentedMap) and part in node) or (
+                isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node)):
             node = node[part]
             out.append(part)
         elif isinstance(part, str) and part in _union_tags():
@@ -197,16 +198,20 @@ def _explain(error: Any, model: type[BaseModel], loc: Sequence[str | int], data:
 # ---------------------------------------------------------------- files
 
 
-def _documents(path: Path, errors: list[ConfigError]) -> Iterator[CommentedMap]:
+def _documents(path: Path, into: ConfigSet) -> Iterator[CommentedMap]:
+    errors = into.errors
     try:
         docs = list(_yaml().load_all(path.read_text(encoding="utf-8")))
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        errors.append(ConfigError(str(path), (mark.line + 1) if mark else 0, "",
-                                  f"not valid YAML: {exc.problem or exc.context}"))
-        return
     except (YAMLError, UnicodeDecodeError, OSError) as exc:
-        errors.append(ConfigError(str(path), 0, "", f"cannot read: {exc}"))
+        if isinstance(exc, MarkedYAMLError):
+            mark = exc.problem_mark or exc.context_mark
+            errors.append(ConfigError(str(path), (mark.line + 1) if mark else 0, "",
+                                      f"not valid YAML: {exc.problem or exc.context}"))
+        else:
+            errors.append(ConfigError(str(path), 0, "", f"cannot read: {exc}"))
+        # What the file defines is unknown; its name is the best guess (a persona's
+        # must match it), so references to it are not reported again as missing.
+        into.invalid.update({("Persona", path.stem), ("RepairPolicy", path.stem)})
         return
     for doc in docs:
         if doc is None:
@@ -220,13 +225,17 @@ def _documents(path: Path, errors: list[ConfigError]) -> Iterator[CommentedMap]:
 
 def load_file(path: Path, into: ConfigSet) -> None:
     """Validate every document in ``path`` and add it (or its errors) to ``into``."""
-    for doc in _documents(path, into.errors):
+    for doc in _documents(path, into):
         kind = doc.get("kind")
         model = KINDS.get(kind) if isinstance(kind, str) else None
+        metadata = doc.get("metadata")
+        name = metadata.get("name") if isinstance(metadata, dict) else None
         if model is None:
             into.errors.append(ConfigError(
                 str(path), _line_at(doc, ("kind",)), "kind",
                 f"expected one of {', '.join(KINDS)}, got {kind!r}"))
+            if isinstance(name, str):  # a misspelled kind: whatever it meant is invalid
+                into.invalid.update({("Persona", name), ("RepairPolicy", name)})
             continue
         try:
             value = model.model_validate(doc)
@@ -238,7 +247,6 @@ def load_file(path: Path, into: ConfigSet) -> None:
                 into.errors.append(ConfigError(
                     str(path), _line_at(doc, loc), _dotted(loc),
                     _explain(err, model, loc, doc)))
-            name = doc.get("metadata", {}).get("name") if isinstance(doc.get("metadata"), dict) else None
             if isinstance(name, str):
                 into.invalid.add((kind, name))
             continue
@@ -251,7 +259,7 @@ def _add(value: Persona | RepairPolicy | Fleet, located: Located[Any], path: Pat
         if into.fleet_file is not None:
             into.errors.append(ConfigError(str(path), located.line_of(), "kind",
                                            f"a second Fleet; the first is in {into.fleet_file}"))
-        into.fleet, into.fleet_file = value, str(path)
+        into.fleet, into.fleet_file, into.fleet_located = value, str(path), located
         return
     table: dict[str, Located[Any]] = (
         into.personas if isinstance(value, Persona) else into.policies)
@@ -289,10 +297,13 @@ def _cross_check(config: ConfigSet) -> None:
                     f"{', '.join(sorted(config.policies)) or 'none'}"))
     if not config.personas:
         return  # a policy-only directory: nothing to resolve veto names against
-    for name in config.fleet.spec.quorum.veto:
+    fleet = config.fleet_located
+    for index, name in enumerate(config.fleet.spec.quorum.veto):
         if name not in config.personas:
+            where = ("spec", "quorum", "veto", index)
             config.errors.append(ConfigError(
-                config.fleet_file or "(built-in fleet defaults)", 0, "spec.quorum.veto",
+                fleet.file if fleet else "(built-in fleet defaults)",
+                fleet.line_of(*where) if fleet else 0, _dotted(where),
                 f"veto names persona {name!r}, which is not defined"))
     for policy in config.policies.values():
         for index, remedy in enumerate(policy.value.spec.remedies):
@@ -304,13 +315,26 @@ def _cross_check(config: ConfigSet) -> None:
                         f"veto names persona {name!r}, which is not defined"))
 
 
+def config_paths(directory: Path) -> list[Path]:
+    """What a config directory holds: ``personas/``, ``policies/`` and an optional fleet.yaml.
+
+    Only these are read, so a repository checkout works as a config directory
+    without its other YAML files being taken for configuration.
+    """
+    paths = [directory / "personas", directory / "policies"]
+    fleet = directory / "fleet.yaml"
+    return [*paths, fleet] if fleet.exists() else paths
+
+
 def yaml_files(paths: Iterable[Path]) -> list[Path]:
     """The YAML files under ``paths`` (files are taken as given), in a stable order."""
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
+            # Hidden below `path` only: a config dir may itself live under ~/.config.
             out.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")
-                              and not any(part.startswith(".") for part in p.parts)))
+                              and not any(part.startswith(".")
+                                          for part in p.relative_to(path).parts)))
         else:
             out.append(path)
     return out

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.catalog import Target
+from bus.messages import Target
 
 
 class Obs(BaseModel):

@@ -67,13 +67,13 @@ def parse(scope: str) -> tuple[str, ...]:
 def segments_match(granted: tuple[str, ...], required: tuple[str, ...]) -> bool:
     """True when every granted segment equals the required one or is ``*``."""
     return len(granted) == len(required) and all(
-        g == "*" or g == r for g, r in zip(granted, required, strict=True)
+        g in ("*", r) for g, r in zip(granted, required, strict=True)
     )
 
 
 def _overlaps(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     return len(a) == len(b) and all(
-        x == "*" or y == "*" or x == y for x, y in zip(a, b, strict=True)
+        "*" in (x, y) or x == y for x, y in zip(a, b, strict=True)
     )
 
 

@@ -1,0 +1,147 @@
+"""One persona's connection to the bus: nkey auth, reconnect forever, every transition logged.
+
+nats-py reconnects by itself once connected, but gives up if the first connect
+fails; an agent must start while the bus is down (it still observes), so the first
+connect is retried here, forever, with capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+
+from bus import subjects
+from bus.envelope import Envelope
+
+log = structlog.get_logger("bus")
+
+AUDITED_PREFIXES = ("zeta.repair.", "zeta.control.")
+
+
+class BusUnavailableError(ConnectionError):
+    """The bus cannot be reached now; destructive work must be refused."""
+
+
+class Connection:
+    def __init__(self, urls: Sequence[str], *, name: str, seed: bytes | None,
+                 backoff_max: float = 30.0) -> None:
+        self._urls = list(urls)
+        self._name = name
+        self._seed = seed
+        self._backoff_max = backoff_max
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self.on_connected: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None or not self.connected:
+            raise BusUnavailableError("not connected to the bus")
+        return self._js
+
+    @property
+    def nc(self) -> Client:
+        if self._nc is None or not self.connected:
+            raise BusUnavailableError("not connected to the bus")
+        return self._nc
+
+    async def connect(self) -> None:
+        """Connect, retrying forever with backoff; returns once connected."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._nc = await nats.connect(
+                    self._urls, name=self._name,
+                    nkeys_seed_str=self._seed.decode() if self._seed else None,
+                    connect_timeout=2, reconnect_time_wait=1, max_reconnect_attempts=-1,
+                    allow_reconnect=True,
+                    error_cb=self._error, disconnected_cb=self._disconnected,
+                    reconnected_cb=self._reconnected, closed_cb=self._closed,
+                )
+            except (NatsError, OSError, TimeoutError) as exc:
+                delay = min(self._backoff_max, 0.5 * 2 ** min(attempt, 8))
+                delay *= random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not secrecy)
+                log.warning("bus connect failed; will retry", attempt=attempt,
+                            urls=self._urls, error=str(exc) or type(exc).__name__,
+                            retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+                continue
+            self._js = self._nc.jetstream()
+            log.info("bus connected", url=str(self._nc.connected_url.geturl()
+                                              if self._nc.connected_url else self._urls),
+                     attempt=attempt)
+            await self._notify_connected()
+            return
+
+    async def _notify_connected(self) -> None:
+        for callback in self.on_connected:
+            try:
+                await callback()
+            except Exception:
+                log.exception("bus on-connect step failed")
+
+    async def _error(self, exc: Exception) -> None:
+        log.warning("bus error", error=str(exc) or type(exc).__name__)
+
+    async def _disconnected(self) -> None:
+        log.warning("bus disconnected; destructive actions are refused until it returns")
+
+    async def _reconnected(self) -> None:
+        log.info("bus reconnected")
+        await self._notify_connected()
+
+    async def _closed(self) -> None:
+        log.info("bus connection closed")
+
+    async def publish(self, subject: str, envelope: Envelope) -> None:
+        """Publish; audited subjects go through JetStream with the envelope id as Nats-Msg-Id."""
+        data = envelope.to_bytes()
+        try:
+            if subject.startswith(AUDITED_PREFIXES):
+                await self.js.publish(subject, data, timeout=2,
+                                      headers={"Nats-Msg-Id": envelope.id})
+            else:
+                await self.nc.publish(subject, data)
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise BusUnavailableError(f"publish to {subject} failed: {exc}") from exc
+
+    async def subscribe(self, subject: str,
+                        handler: Callable[[Msg], Awaitable[None]]) -> Subscription:
+        return await self.nc.subscribe(subject, cb=handler)
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.drain()
+            except (NatsError, OSError, TimeoutError):
+                await self._nc.close()
+
+
+def subject_for(envelope: Envelope) -> str:
+    """The subject an envelope belongs on, from its kind, sender and repair."""
+    kind, sender, repair = envelope.kind, envelope.sender, envelope.repair or ""
+    routes: dict[str, Callable[[], str]] = {
+        "heartbeat": lambda: subjects.heartbeat(sender),
+        "finding": lambda: subjects.finding(sender),
+        "proposal": lambda: subjects.proposed(repair),
+        "vote": lambda: subjects.vote(repair, sender),
+        "decision": lambda: subjects.decided(repair),
+        "started": lambda: subjects.started(repair),
+        "result": lambda: subjects.result(repair),
+        "control": lambda: subjects.control(str(envelope.body.get("verb"))),
+    }
+    return routes[kind]()

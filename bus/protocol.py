@@ -1,0 +1,181 @@
+"""The quorum protocol on the wire: propose, vote, decide (docs/bus.md).
+
+This module moves signed messages and counts votes; what a persona *thinks* of a
+proposal is the runtime's business, handed in as an ``Assess`` callback that must
+re-observe the target itself. The tally is the pure ``bus.quorum.tally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from nats.aio.msg import Msg
+from pydantic import BaseModel
+
+from bus import ids, subjects
+from bus.connection import Connection, subject_for
+from bus.envelope import Accepted, Dropped, Envelope, Verifier, seal
+from bus.keys import Signer
+from bus.messages import Control, Decision, Kind, Proposal, Verdict, Vote
+from bus.quorum import Ballot, Rule, Tally, tally
+
+log = structlog.get_logger("bus.protocol")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A voter's verdict on a proposal, with the evidence it observed itself."""
+
+    verdict: Verdict
+    reason: str
+    evidence: dict[str, object] = field(default_factory=dict)
+
+
+Assess = Callable[[Envelope, Proposal], Awaitable[Judgement]]
+OnControl = Callable[[Envelope, Control], Awaitable[None]]
+
+
+@dataclass
+class _Open:
+    rule: Rule
+    ballots: list[Ballot] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Protocol:
+    """One persona's side of the protocol over one connection."""
+
+    def __init__(self, connection: Connection, *, persona: str, host: str, signer: Signer,
+                 verifier: Verifier, voters: frozenset[str], assess: Assess | None,
+                 on_control: OnControl | None = None) -> None:
+        self._conn = connection
+        self.persona = persona
+        self._host = host
+        self._signer = signer
+        self.verifier = verifier
+        self._voters = voters
+        self._assess = assess
+        self._on_control = on_control
+        self._open: dict[str, _Open] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def subscribe(self) -> None:
+        """(Re)subscribe; called on every (re)connect."""
+        if self._assess is not None:
+            await self._conn.subscribe("zeta.repair.*.proposed", self._on_proposal)
+        await self._conn.subscribe("zeta.repair.*.vote.*", self._on_vote)
+        if self._on_control is not None:
+            await self._conn.subscribe("zeta.control.*", self._on_control_msg)
+
+    def seal(self, kind: Kind, body: BaseModel, *, repair: str | None = None) -> Envelope:
+        return seal(kind, sender=self.persona, host=self._host, body=body, signer=self._signer,
+                    repair=repair)
+
+    async def send(self, kind: Kind, body: BaseModel, *, repair: str | None = None) -> Envelope:
+        envelope = self.seal(kind, body, repair=repair)
+        await self._conn.publish(subject_for(envelope), envelope)
+        return envelope
+
+    def _accept(self, msg: Msg) -> Accepted | None:
+        outcome = self.verifier.check(msg.subject, msg.data)
+        if isinstance(outcome, Dropped):
+            log.warning("message dropped", subject=msg.subject, reason=outcome.reason,
+                        detail=outcome.detail)
+            return None
+        return outcome
+
+    # ------------------------------------------------------------ proposer
+
+    async def propose(self, body: Proposal) -> tuple[str, Tally]:
+        """Publish a proposal, gather votes until it is decided, publish the decision."""
+        repair = ids.new_id()
+        rule = Rule(self.persona, body.quorum.approvals, frozenset(body.quorum.veto),
+                    body.quorum.deadline)
+        pending = self._open[repair] = _Open(rule)
+        try:
+            await self.send("proposal", body, repair=repair)
+            log.info("proposed", repair=repair, action=body.action, target=body.target.key,
+                     approvals=rule.approvals, veto=sorted(rule.veto))
+            result = await self._await_decision(pending)
+        finally:
+            del self._open[repair]
+        await self.send("decision", Decision(
+            outcome=result.outcome,
+            reason=result.reason, approvals=result.approvals, rejections=result.rejections,
+            vetoes=result.vetoes, votes=result.counted), repair=repair)
+        log.info("decided", repair=repair, outcome=result.outcome, reason=result.reason)
+        return repair, result
+
+    async def _await_decision(self, pending: _Open) -> Tally:
+        while True:
+            now = datetime.now(UTC)
+            result = tally(pending.rule, pending.ballots, self._voters, now)
+            if result.final:
+                return result
+            pending.changed.clear()
+            remaining = (pending.rule.deadline - now).total_seconds()
+            try:
+                # Wake on every vote, and once just after the deadline to expire.
+                await asyncio.wait_for(pending.changed.wait(), timeout=max(remaining, 0) + 0.01)
+            except TimeoutError:
+                continue
+
+    async def _on_vote(self, msg: Msg) -> None:
+        repair = msg.subject.split(".")[2]
+        pending = self._open.get(repair)
+        if pending is None:
+            return  # someone else's proposal: its proposer counts it
+        accepted = self._accept(msg)
+        if accepted is None:
+            return
+        vote = accepted.body
+        assert isinstance(vote, Vote)
+        env = accepted.envelope
+        pending.ballots.append(Ballot(env.id, env.sender, vote.verdict, env.at))
+        log.info("vote counted", repair=repair, voter=env.sender, verdict=vote.verdict,
+                 reason=vote.reason)
+        pending.changed.set()
+
+    # ------------------------------------------------------------ voter
+
+    async def _on_proposal(self, msg: Msg) -> None:
+        accepted = self._accept(msg)
+        if accepted is None or accepted.envelope.sender == self.persona:
+            return
+        task = asyncio.create_task(self._vote(accepted))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _vote(self, accepted: Accepted) -> None:
+        assert self._assess is not None
+        proposal = accepted.body
+        assert isinstance(proposal, Proposal)
+        repair = accepted.envelope.repair
+        try:
+            judgement = await self._assess(accepted.envelope, proposal)
+        except Exception as exc:  # a voter that cannot judge must say no, not crash
+            log.exception("assessment failed", repair=repair)
+            judgement = Judgement("reject", f"could not assess: {type(exc).__name__}: {exc}")
+        body = Vote(verdict=judgement.verdict, reason=judgement.reason,
+                    evidence=dict(judgement.evidence), observed_at=datetime.now(UTC),
+                    policy_digest=proposal.policy_digest)
+        await self.send("vote", body, repair=repair)
+        log.info("voted", repair=repair, verdict=judgement.verdict, reason=judgement.reason)
+
+    # ------------------------------------------------------------ operator
+
+    async def _on_control_msg(self, msg: Msg) -> None:
+        accepted = self._accept(msg)
+        if accepted is None or self._on_control is None:
+            return
+        body = accepted.body
+        assert isinstance(body, Control)
+        if msg.subject != subjects.control(body.verb):
+            log.warning("message dropped", subject=msg.subject, reason="subject-mismatch",
+                        detail=f"control verb {body.verb!r}")
+            return
+        await self._on_control(accepted.envelope, body)

@@ -1,0 +1,105 @@
+"""The quorum tally: pure functions deciding a proposal from the votes seen so far.
+
+Rules (docs/bus.md):
+- The proposer's proposal is its approval; it counts once, and a vote it casts on
+  its own proposal is ignored.
+- Only eligible voters count (personas with the ``vote`` duty, known from
+  configuration); a persona's first vote is its vote, later ones are ignored, so
+  nobody can flip or inflate the count.
+- Votes stamped after the deadline do not count.
+- A ``block`` from a persona in the rule's ``veto`` list rejects at once. A ``block``
+  from anyone else counts as a rejection.
+- Approval needs ``approvals`` distinct approvers AND a non-block vote from every
+  eligible veto holder: an approval that arrived before the reviewer spoke would
+  take her veto away. A silent veto holder therefore lets the proposal expire;
+  safety favours the veto over liveness.
+- Rejected early once the approvals can no longer be reached by the voters left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Set
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from bus.messages import Verdict
+
+Outcome = Literal["pending", "approved", "rejected", "expired"]
+
+
+@dataclass(frozen=True)
+class Ballot:
+    """One vote as the tally needs it (already signature-checked by the bus)."""
+
+    vote_id: str
+    voter: str
+    verdict: Verdict
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Rule:
+    proposer: str
+    approvals: int
+    veto: frozenset[str]
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class Tally:
+    outcome: Outcome
+    reason: str
+    approvals: tuple[str, ...]
+    rejections: tuple[str, ...]
+    vetoes: tuple[str, ...]
+    counted: tuple[str, ...]  # vote ids that entered the tally, in counting order
+
+    @property
+    def final(self) -> bool:
+        return self.outcome != "pending"
+
+
+def counted_ballots(rule: Rule, ballots: Iterable[Ballot], eligible: Set[str]) -> list[Ballot]:
+    """The ballots that count: eligible, not the proposer, before the deadline, first per voter.
+
+    Ballots are put in a total order (time, id, …) so the result never depends on arrival order.
+    """
+    seen: set[str] = set()
+    out = []
+    for ballot in sorted(ballots, key=lambda b: (b.at, b.vote_id, b.voter, b.verdict)):
+        if (ballot.voter in seen or ballot.voter == rule.proposer
+                or ballot.voter not in eligible or ballot.at > rule.deadline):
+            continue
+        seen.add(ballot.voter)
+        out.append(ballot)
+    return out
+
+
+def tally(rule: Rule, ballots: Iterable[Ballot], eligible: Set[str], now: datetime) -> Tally:
+    """Decide, or say it is still pending, from the ballots received so far."""
+    counted = counted_ballots(rule, ballots, eligible)
+    approvers = (rule.proposer, *(b.voter for b in counted if b.verdict == "approve"))
+    vetoes = tuple(b.voter for b in counted if b.verdict == "block" and b.voter in rule.veto)
+    rejections = tuple(b.voter for b in counted
+                       if b.verdict != "approve" and b.voter not in vetoes)
+    ids = tuple(b.vote_id for b in counted)
+
+    def result(outcome: Outcome, reason: str) -> Tally:
+        return Tally(outcome, reason, approvers, rejections, vetoes, ids)
+
+    if vetoes:
+        return result("rejected", f"vetoed by {', '.join(vetoes)}")
+    voted = {b.voter for b in counted}
+    waiting_veto = sorted((rule.veto & eligible) - voted - {rule.proposer})
+    if len(approvers) >= rule.approvals and not waiting_veto:
+        return result("approved", f"{len(approvers)}/{rule.approvals} approvals, no veto")
+    still_to_vote = len(eligible - voted - {rule.proposer})
+    if len(approvers) + still_to_vote < rule.approvals:
+        return result("rejected", f"{len(approvers)} approvals and {still_to_vote} voters left; "
+                                  f"{rule.approvals} needed")
+    if now > rule.deadline:
+        missing = (f"waiting for {', '.join(waiting_veto)} (veto)" if waiting_veto
+                   else f"{len(approvers)}/{rule.approvals} approvals")
+        return result("expired", f"deadline passed: {missing}")
+    return result("pending", f"{len(approvers)}/{rule.approvals} approvals so far")

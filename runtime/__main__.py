@@ -1,0 +1,7 @@
+"""``python -m runtime``: the same as the ``zeta-agent`` console script."""
+
+import sys
+
+from runtime.cli import main
+
+sys.exit(main())

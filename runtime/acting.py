@@ -1,0 +1,56 @@
+"""Actuators: the code that changes the world, one per catalog action, behind one interface.
+
+The agent only ever reaches an actuator through ``Actuators.lookup`` after the intent
+was authorized. No real actuator exists yet (the Kubernetes and out-of-band issues add
+them): an action without one is refused, saying so, rather than reported as done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from runtime.catalog import lookup
+from runtime.engine import Intent
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What running an action did: ``ok`` is whether it did what it says."""
+
+    ok: bool
+    detail: str = ""
+
+
+class Actuator(Protocol):
+    """Carries out one kind of catalog action."""
+
+    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
+        """Run ``intent``; with ``dry_run`` do everything but the change itself."""
+        ...
+
+
+class NoActuatorError(LookupError):
+    """The action is in the catalog but this runtime cannot carry it out yet."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+        super().__init__(f"no actuator for {action} yet")
+
+
+class Actuators:
+    """The registry from catalog action names to the actuators that carry them out."""
+
+    def __init__(self, actuators: Mapping[str, Actuator] | None = None) -> None:
+        actuators = dict(actuators or {})
+        for name in actuators:
+            lookup(name)  # an actuator for an action the catalog lacks is a wiring bug
+        self._actuators = actuators
+
+    def lookup(self, action: str) -> Actuator:
+        """The actuator for ``action``; raises NoActuatorError if there is none."""
+        try:
+            return self._actuators[action]
+        except KeyError:
+            raise NoActuatorError(action) from None

@@ -1,0 +1,241 @@
+"""``zeta-agent``: run a persona, check configuration, list personas, render system files.
+
+User mistakes (a missing directory, a bad file, an unknown persona) end with a clear
+message on stderr and a non-zero exit, never a traceback. Exit codes: 0 success;
+1 ``validate`` found errors; 2 the command could not start (bad usage or
+configuration), so a systemd unit can stop restarting on it with
+``RestartPreventExitStatus=2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import cast
+
+from runtime import __version__, agent, logs
+from runtime.config import Persona
+from runtime.loading import ConfigError, ConfigInvalidError, ConfigSet, config_paths, load
+
+CONFIG_ENV = "ZETA_CONFIG_DIR"
+DEFAULT_CONFIG_DIR = Path("/etc/zeta")
+SYSUSERS_GROUP = "zeta"
+
+
+class UserError(Exception):
+    """A mistake the user can fix; ``lines`` (if any) are printed before the message."""
+
+    def __init__(self, message: str, *, lines: Sequence[str] = (), code: int = 2) -> None:
+        super().__init__(message)
+        self.lines = tuple(lines)
+        self.code = code
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def config_dir(flag: Path | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """``--config-dir``, else ``$ZETA_CONFIG_DIR``, else /etc/zeta."""
+    if flag is not None:
+        return flag
+    return Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else DEFAULT_CONFIG_DIR
+
+
+def _is_config_dir(path: Path) -> bool:
+    return (path / "personas").is_dir() or (path / "policies").is_dir()
+
+
+def _errors(errors: Sequence[ConfigError], where: str, *, code: int) -> UserError:
+    return UserError(f"{len(errors)} error(s) in the configuration under {where}",
+                     lines=[str(e) for e in errors], code=code)
+
+
+def load_config_dir(directory: Path) -> ConfigSet:
+    """Load a config directory, or raise UserError listing every problem."""
+    if not directory.is_dir():
+        raise UserError(f"config directory {directory} does not exist "
+                        f"(pass --config-dir or set ${CONFIG_ENV})")
+    try:
+        return load(config_paths(directory))
+    except ConfigInvalidError as exc:
+        raise _errors(exc.errors, str(directory), code=2) from None
+
+
+def _persona(config: ConfigSet, name: str, directory: Path) -> Persona:
+    if name not in config.personas:
+        known = ", ".join(sorted(config.personas)) or "none"
+        raise UserError(f"no persona {name!r} in {directory / 'personas'}; known: {known}")
+    return config.persona(name)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _run(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    persona = _persona(config, args.persona, directory)
+    try:
+        state_dir = agent.state_directory(persona.name)
+    except OSError as exc:
+        raise UserError(f"cannot create the state directory: {exc}") from None
+    logs.configure(args.log_format, level=args.log_level)
+    return agent.serve(config, persona.name, state_dir=state_dir, once=args.once)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    given: list[Path] = args.paths or [config_dir(args.config_dir)]
+    paths = [p for path in given
+             for p in (config_paths(path) if _is_config_dir(path) else [path])]
+    config = load(paths, strict=False)
+    where = " ".join(map(str, given))
+    if config.errors:
+        raise _errors(sorted(config.errors), where, code=1)
+    if not config.personas and not config.policies and config.fleet_file is None:
+        raise UserError(f"no persona, policy or fleet files under {where}", code=1)
+    fleet = config.fleet_file or "built-in defaults"
+    print(f"ok: {len(config.personas)} personas, {len(config.policies)} policies, "
+          f"fleet: {fleet}")
+    return 0
+
+
+def _personas(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    personas = [located.value for _, located in
+                sorted(load_config_dir(directory).personas.items())]
+    if args.json:
+        print(json.dumps([_persona_json(p) for p in personas], indent=2))
+    else:
+        print(personas_table(personas), end="")
+    return 0
+
+
+def _persona_json(persona: Persona) -> dict[str, object]:
+    spec = persona.spec
+    return {"name": persona.name, "displayName": spec.displayName, "role": spec.role,
+            "tier": spec.tier.value, "duties": list(spec.duties), "scopes": list(spec.scopes),
+            "effectiveScopes": list(spec.effective_scopes), "policies": list(spec.policies),
+            "tick": spec.tick.total_seconds()}
+
+
+def personas_table(personas: Sequence[Persona]) -> str:
+    """Name, role, tier, duties and the persona's own scopes (one per line) on top of its tier."""
+    header = ["NAME", "ROLE", "TIER", "DUTIES", "SCOPES (beyond the tier)"]
+    rows: list[list[str]] = []
+    for persona in personas:
+        spec = persona.spec
+        scopes = list(spec.scopes) or ["-"]
+        rows.append([persona.name, spec.role, spec.tier.value, ",".join(spec.duties), scopes[0]])
+        rows.extend(["", "", "", "", scope] for scope in scopes[1:])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True))
+        + "  " + row[4] + "\n"
+        for row in [header, *rows])
+
+
+def render_sysusers(personas: Sequence[Persona], source: str) -> str:
+    """A sysusers.d(5) file: the ``zeta`` group and one static system user per persona."""
+    lines = [
+        f"# Rendered by `zeta-agent render sysusers` from {source}; do not edit.",
+        "# Static users, not DynamicUser=: polkit rules name each persona's user, and a",
+        "# dynamic user could not even reach the system bus (ARCHITECTURE.md, Deployment).",
+        "# Each user has its own primary group; the zeta group collects them all, so shared",
+        "# files such as /etc/zeta can be made readable to the agents and nobody else.",
+        f"g {SYSUSERS_GROUP} -",
+    ]
+    for persona in sorted(personas, key=lambda p: p.name):
+        user = f"zeta-{persona.name}"
+        gecos = "".join(c for c in f"Zeta agent {persona.spec.displayName} ({persona.spec.role})"
+                        if c not in '":\\\n')
+        lines += [f'u {user} - "{gecos}" /var/lib/zeta-agent/{persona.name}',
+                  f"m {user} {SYSUSERS_GROUP}"]
+    return "\n".join(lines) + "\n"
+
+
+def _render_sysusers(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    print(render_sysusers([p.value for p in config.personas.values()], str(directory)), end="")
+    return 0
+
+
+def _version(_args: argparse.Namespace) -> int:
+    print(f"zeta-agent {__version__}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config-dir", type=Path, metavar="DIR",
+                        help=f"holds personas/, policies/ and an optional fleet.yaml "
+                             f"(default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_DIR})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zeta-agent`` argument parser, every subcommand included."""
+    parser = argparse.ArgumentParser(prog="zeta-agent", description=(
+        "Out-of-band repair agents for Kubernetes: named personas under systemd that "
+        "act only within their scopes, and destructive actions only with a quorum."))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="run one persona's agent (what systemd starts)",
+                              description="Run the agent of PERSONA until SIGTERM.")
+    run.add_argument("persona", help="the persona's name, e.g. otto")
+    _config_dir_option(run)
+    run.add_argument("--once", action="store_true",
+                     help="run one tick and exit: 0 if it completed, 1 if it raised")
+    run.add_argument("--log-format", choices=("json", "console"),
+                     help="default: json unless stdout is a terminal")
+    run.add_argument("--log-level", choices=logs.LEVELS, default="info")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser(
+        "validate", help="check persona, policy and fleet files together",
+        description="Check configuration without starting anything; print every error as "
+                    "file:line: field: message. A DIR holding personas/ or policies/ is read "
+                    "as a config directory; other paths are read as they are.")
+    validate.add_argument("paths", nargs="*", type=Path, metavar="DIR",
+                          help="directories or files (default: the config directory)")
+    _config_dir_option(validate)
+    validate.set_defaults(handler=_validate)
+
+    personas = commands.add_parser("personas", help="list personas: role, tier, duties, scopes")
+    _config_dir_option(personas)
+    personas.add_argument("--json", action="store_true", help="machine-readable output")
+    personas.set_defaults(handler=_personas)
+
+    render = commands.add_parser("render", help="render system files from the configuration")
+    targets = render.add_subparsers(dest="target", required=True)
+    sysusers = targets.add_parser(
+        "sysusers", help="a sysusers.d file with one static system user per persona")
+    _config_dir_option(sysusers)
+    sysusers.set_defaults(handler=_render_sysusers)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(handler=_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: parse, dispatch, and turn user mistakes into exit codes."""
+    args = build_parser().parse_args(argv)
+    handler = cast(Handler, args.handler)
+    try:
+        return handler(args)
+    except UserError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        print(f"zeta-agent: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130

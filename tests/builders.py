@@ -1,0 +1,114 @@
+"""Small builders for snapshots, policies and personas, so tests state only what matters.
+
+Time is always explicit: ``at(90)`` is 90 seconds after ``T0``; nothing reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bus.messages import Target
+from runtime.catalog import REPAIR_ANNOTATION
+from runtime.config import Persona, RepairPolicy
+from runtime.observations import (
+    ApiProbe,
+    ContainerObs,
+    LeaseObs,
+    NodeCondition,
+    NodeObs,
+    PeerObs,
+    PodObs,
+    Snapshot,
+    UnitObs,
+)
+
+T0 = datetime(2026, 11, 27, 6, 0, tzinfo=UTC)
+HOST = "cp-1"
+# A real, checksummed user public key (otto's placeholder); personas here differ by name.
+NKEY = "UAVU6MCTMJRPGFHMLWUVPDZUTOSFEKL2NRLLKZEVG574EVSST2TEX66Q"
+
+
+def at(seconds: float) -> datetime:
+    """``T0`` plus ``seconds``."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def node(name: str, ready: str | None = "True", *, labels: Mapping[str, str] | None = None,
+         unschedulable: bool = False, repair: str | None = None) -> NodeObs:
+    """A node whose Ready condition is ``ready`` (None: not reported); ``repair`` cordons it."""
+    conditions = () if ready is None else (
+        NodeCondition(type="Ready", status=ready, reason="KubeletReady" if ready == "True"
+                      else "NodeStatusUnknown", since=T0),)
+    return NodeObs(name=name, labels=dict(labels or {}), conditions=conditions,
+                   unschedulable=unschedulable or repair is not None,
+                   annotations={REPAIR_ANNOTATION: repair} if repair else {})
+
+
+def deployment(name: str, namespace: str = "default") -> Target:
+    return Target(kind="deployment", name=name, namespace=namespace)
+
+
+def pod(name: str, *, namespace: str = "default", owner: Target | None = None,
+        restarts: int = 0, crashloop: bool = False, phase: str = "Running",
+        ready: bool = True) -> PodObs:
+    """A one-container pod; ``crashloop`` puts its container in CrashLoopBackOff."""
+    container = ContainerObs(name="app", restarts=restarts, ready=ready and not crashloop,
+                             waiting_reason="CrashLoopBackOff" if crashloop else "")
+    return PodObs(namespace=namespace, name=name, node="worker-1", phase=phase, owner=owner,
+                  containers=(container,))
+
+
+def probe(path: str, ok: bool) -> ApiProbe:
+    return ApiProbe(path=path, ok=ok, error="" if ok else "connection refused")
+
+
+def unit(name: str, active_state: str = "active", *, load_state: str = "loaded") -> UnitObs:
+    return UnitObs(name=name, active_state=active_state, load_state=load_state)
+
+
+def peer(persona: str, last_heartbeat: datetime | None) -> PeerObs:
+    return PeerObs(persona=persona, last_heartbeat=last_heartbeat, host="cp-2")
+
+
+def lease(key: str, repair: str, expires: datetime, holder: str = "otto") -> LeaseObs:
+    return LeaseObs(key=key, repair=repair, holder=holder, expires=expires)
+
+
+def snapshot(t: float, *, host: str = HOST, nodes: Sequence[NodeObs] | None = None,
+             pods: Sequence[PodObs] | None = None, apiserver: Sequence[ApiProbe] | None = None,
+             units: Sequence[UnitObs] | None = None, peers: Sequence[PeerObs] | None = None,
+             leases: Sequence[LeaseObs] | None = None) -> Snapshot:
+    """A snapshot ``t`` seconds after ``T0``; a domain left out was not observed."""
+
+    def seen(items: Sequence[Any] | None) -> tuple[Any, ...] | None:
+        return None if items is None else tuple(items)
+
+    return Snapshot(at=at(t), host=host, nodes=seen(nodes), pods=seen(pods),
+                    apiserver=seen(apiserver), units=seen(units), peers=seen(peers),
+                    leases=seen(leases))
+
+
+def policy(name: str, detect: Mapping[str, Any], remedies: Sequence[Mapping[str, Any]], *,
+           budget: Mapping[str, Any] | None = None, cooldown: str = "10m",
+           mode: str = "enforce") -> RepairPolicy:
+    """A RepairPolicy validated exactly as the loader would."""
+    spec: dict[str, Any] = {"detect": dict(detect), "remedies": [dict(r) for r in remedies],
+                            "cooldown": cooldown, "mode": mode}
+    if budget is not None:
+        spec["budget"] = dict(budget)
+    return RepairPolicy.model_validate({
+        "apiVersion": "zeta/v1", "kind": "RepairPolicy", "metadata": {"name": name},
+        "spec": spec,
+    })
+
+
+def persona(name: str = "otto", *, tier: str = "propose", scopes: Sequence[str] = (),
+            duties: Sequence[str] = ("propose", "vote", "execute")) -> Persona:
+    return Persona.model_validate({
+        "apiVersion": "zeta/v1", "kind": "Persona", "metadata": {"name": name},
+        "spec": {"displayName": name.title(), "role": "test", "tier": tier,
+                 "identity": {"nkey": NKEY, "kubernetes": {"user": f"zeta-{name}"}},
+                 "scopes": list(scopes), "duties": list(duties)},
+    })

@@ -1,0 +1,143 @@
+"""The bus on a real nats-server: JetStream resources, leases, the protocol with five voters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bus import leases
+from bus.connection import Connection
+from bus.envelope import Envelope, Verifier
+from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure
+from bus.keys import Signer, generate_user_seed
+from bus.messages import Proposal, QuorumRule, Target
+from bus.protocol import Judgement, Protocol
+from runtime.natsserver import NatsServer
+
+NAMES = ("otto", "alexa", "riven", "vera", "lior")
+SIGNERS = {n: Signer(generate_user_seed()) for n in NAMES}
+KEYS = {n: s.public_key for n, s in SIGNERS.items()}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path / "store") as srv:
+        yield srv
+
+
+@pytest.fixture
+async def conn(server: NatsServer) -> AsyncIterator[Connection]:
+    c = Connection([server.url], name="test", seed=None)
+    await c.connect()
+    yield c
+    await c.close()
+
+
+async def test_ensure_creates_then_accepts_then_reports_differences(conn: Connection) -> None:
+    assert await ensure(conn.js, Settings()) == []
+    info = await conn.js.stream_info(AUDIT_STREAM)
+    assert info.config.subjects == ["zeta.repair.>", "zeta.control.>"]
+    assert await ensure(conn.js, Settings()) == []
+    problems = await ensure(conn.js, Settings(max_age=timedelta(days=7)))
+    assert len(problems) == 1
+    assert "max_age" in problems[0]
+
+
+async def test_two_racing_proposers_get_exactly_one_lease(conn: Connection) -> None:
+    await ensure(conn.js, Settings())
+    kv = await conn.js.key_value(LEASES_BUCKET)
+
+    async def take(who: str) -> leases.Lease | leases.LeaseHeldError:
+        try:
+            return await leases.acquire(kv, "node.worker-1", repair=f"r-{who}", executor=who,
+                                        ttl=timedelta(minutes=5))
+        except leases.LeaseHeldError as exc:
+            return exc
+
+    results = await asyncio.gather(*(take(n) for n in NAMES))
+    won = [r for r in results if isinstance(r, leases.Lease)]
+    lost = [r for r in results if isinstance(r, leases.LeaseHeldError)]
+    assert len(won) == 1
+    assert len(lost) == 4
+    assert all(e.holder is not None and e.holder.executor == won[0].executor for e in lost)
+    assert await leases.still_held(kv, won[0])
+    assert await leases.release(kv, won[0])
+    assert not await leases.still_held(kv, won[0])
+    again = await leases.acquire(kv, "node.worker-1", repair="r2", executor="vera",
+                                 ttl=timedelta(minutes=5))
+    assert again.token > won[0].token, "a re-taken lease must carry a newer fencing token"
+    assert not await leases.release(kv, won[0]), "a stale holder must not release the new lease"
+
+
+async def test_lease_keys_survive_unit_names() -> None:
+    key = "unit.zeta-agent@otto.service"
+    assert leases.target_key(leases.kv_key(key)) == key
+    assert "@" not in leases.kv_key(key)
+
+
+@pytest.fixture
+async def connections() -> AsyncIterator[list[Connection]]:
+    opened: list[Connection] = []
+    yield opened
+    for c in opened:
+        await c.close()
+
+
+async def _protocols(server: NatsServer, verdicts: dict[str, str],
+                     opened: list[Connection]) -> list[Protocol]:
+    out = []
+    verifier_keys = dict(KEYS)
+    for name in NAMES:
+        c = Connection([server.url], name=name, seed=None)
+        await c.connect()
+        opened.append(c)
+        await ensure(c.js, Settings())
+
+        def assess_for(me: str):  # type: ignore[no-untyped-def]
+            async def assess(env: Envelope, proposal: Proposal) -> Judgement:
+                verdict = verdicts.get(me, "approve")
+                return Judgement(verdict, f"{me} says {verdict}", {"seen": True})  # type: ignore[arg-type]
+            return assess
+
+        p = Protocol(c, persona=name, host="h", signer=SIGNERS[name],
+                     verifier=Verifier(keys=verifier_keys), voters=frozenset(NAMES),
+                     assess=assess_for(name))
+        await p.subscribe()
+        out.append(p)
+    return out
+
+
+def _proposal(approvals: int = 3, deadline_s: float = 3) -> Proposal:
+    return Proposal(
+        action="k8s.node.cordon", target=Target(kind="node", name="worker-1"), policy="p",
+        policy_digest="d", step=1, destructive=True, summary="NotReady 3m",
+        quorum=QuorumRule(approvals=approvals, veto=("riven",),
+                          deadline=datetime.now(UTC) + timedelta(seconds=deadline_s)))
+
+
+async def test_five_personas_approve_a_destructive_proposal(
+        server: NatsServer, connections: list[Connection]) -> None:
+    ps = await _protocols(server, {}, connections)
+    _, result = await ps[0].propose(_proposal())
+    assert result.outcome == "approved"
+    assert "riven" in result.approvals
+    assert len(set(result.approvals)) >= 3
+
+
+async def test_riven_veto_rejects(server: NatsServer, connections: list[Connection]) -> None:
+    ps = await _protocols(server, {"riven": "block"}, connections)
+    _, result = await ps[0].propose(_proposal())
+    assert result.outcome == "rejected"
+    assert result.vetoes == ("riven",)
+
+
+async def test_too_few_approvals_rejects(server: NatsServer,
+                                         connections: list[Connection]) -> None:
+    ps = await _protocols(server, {"alexa": "reject", "vera": "reject", "lior": "reject"},
+                          connections)
+    _, result = await ps[0].propose(_proposal(approvals=3))
+    assert result.outcome == "rejected"
