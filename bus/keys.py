@@ -10,7 +10,6 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 _USER_PREFIX = nkeys.PREFIX_BYTE_USER
-_OPERATOR_PREFIX = nkeys.PREFIX_BYTE_OPERATOR
 
 
 def _check_public(key: str, prefix: int, letter: str) -> str:
@@ -33,9 +32,6 @@ def check_user_public_key(key: str) -> str:
     return _check_public(key, _USER_PREFIX, "U")
 
 
-def check_operator_public_key(key: str) -> str:
-    """Return ``key`` if it is a well-formed operator nkey (``O…``), else raise ValueError."""
-    return _check_public(key, _OPERATOR_PREFIX, "O")
 
 
 def _raw_public(key: str) -> bytes:

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from bus.keys import check_operator_public_key, check_user_public_key
+from bus.keys import check_user_public_key
 from bus.subjects import PERSONA_NAME
 from runtime import scopes as scoping
 from runtime.catalog import DESTRUCTIVE_MIN_APPROVALS, Params, UnknownActionError, lookup
@@ -36,7 +36,6 @@ class Model(BaseModel):
 PersonaName = Annotated[str, Field(pattern=PERSONA_NAME.pattern)]
 Scope = Annotated[str, AfterValidator(scoping.check_known)]
 UserKey = Annotated[str, AfterValidator(check_user_public_key)]
-OperatorKey = Annotated[str, AfterValidator(check_operator_public_key)]
 PolicyName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 
 
@@ -290,11 +289,30 @@ class BusSettings(Model):
     urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     auditReplicas: int = Field(default=1, ge=1, le=5)  # noqa: N815
     auditMaxAge: Duration = timedelta(days=90)  # noqa: N815
+    freshness: Duration = Field(
+        default=timedelta(seconds=30),
+        description="Messages stamped further than this from now are dropped as stale.")
+    leaseTtl: Duration = Field(  # noqa: N815
+        default=timedelta(minutes=30),
+        description="A repair lease nobody released expires after this long.")
+
+
+class BusUser(Model):
+    """A person or tool on the bus that is not a persona: an operator or a watcher."""
+
+    name: PersonaName
+    nkey: UserKey
 
 
 class FleetSpec(Model):
     bus: BusSettings = BusSettings()
-    operatorKeys: tuple[OperatorKey, ...] = ()  # noqa: N815
+    operators: tuple[BusUser, ...] = Field(
+        default=(), description="May sign freeze, thaw and breaker-reset controls.")
+    watchers: tuple[BusUser, ...] = Field(
+        default=(), description="May read the bus (nats sub 'zeta.>') and publish nothing.")
+    credentialsDir: str = Field(  # noqa: N815
+        default="/etc/zeta/credentials",
+        description="Outside systemd, secrets are read from <credentialsDir>/<persona>/.")
     quorum: Quorum = Quorum(approvals=3, veto=("riven",), deadline=timedelta(seconds=30))
     apiservers: tuple[str, ...] = Field(
         default=("https://127.0.0.1:6443",),

@@ -160,9 +160,10 @@ def test_the_default_fleet_requires_a_real_quorum() -> None:
 
 
 def test_fleet_operator_keys_are_checked() -> None:
-    with pytest.raises(ValidationError, match="starting with 'O'"):
+    with pytest.raises(ValidationError, match="checksum"):
         Fleet.model_validate({"apiVersion": "zeta/v1", "kind": "Fleet",
-                              "spec": {"operatorKeys": [NKEY]}})
+                              "spec": {"operators": [{"name": "alice",
+                                                      "nkey": NKEY[:-1] + "A"}]}})
 
 
 def test_policy_for_is_written_for_but_read_as_for_() -> None:
