@@ -120,30 +120,23 @@ class Verifier:
     _seen: set[str] = field(default_factory=set)
     _expiry: list[tuple[datetime, str]] = field(default_factory=list)  # a heap, oldest first
 
-    def check(self, subject: str, data: bytes, now: datetime | None = None) -> Accepted | Dropped:
-        outcome = self._check(subject, data, now or datetime.now(UTC))
+    def check(self, subject: str, data: bytes, now: datetime | None = None, *,
+              live: bool = True) -> Accepted | Dropped:
+        """Accept or drop one message.
+
+        ``live=False`` checks a message read back from the audit stream: everything
+        but freshness and replay, which are properties of delivery, not of history.
+        """
+        outcome = self._check(subject, data, now or datetime.now(UTC), live)
         if isinstance(outcome, Dropped):
             self.dropped[outcome.reason] += 1
         return outcome
 
-    def _check(self, subject: str, data: bytes, now: datetime) -> Accepted | Dropped:
-        if len(data) > MAX_MESSAGE_BYTES:
-            return Dropped("oversized", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return Dropped("not-json", str(exc)[:200])
-        if not isinstance(obj, dict):
-            return Dropped("malformed", "not a JSON object")
-        if obj.get("v") != VERSION:
-            return Dropped("unknown-version", f"v={obj.get('v')!r}, this agent speaks {VERSION}")
-        try:
-            env = Envelope.model_validate(obj)
-            body = BODIES[env.kind].model_validate(env.body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(map(str, first["loc"]))
-            return Dropped("malformed", f"{where}: {first['msg']} ({exc.error_count()} errors)")
+    def _check(self, subject: str, data: bytes, now: datetime, live: bool) -> Accepted | Dropped:
+        parsed = _parse(data)
+        if isinstance(parsed, Dropped):
+            return parsed
+        obj, env, body = parsed
         expected = subjects.parse(subject)
         if expected is None or expected.kind != env.kind or (
                 expected.sender is not None and expected.sender != env.sender) or (
@@ -163,6 +156,8 @@ class Verifier:
             return Dropped("bad-signature", "signature is not base64url")
         if not verify(configured, canonical(obj), signature):
             return Dropped("bad-signature", f"signature does not verify for {env.sender!r}")
+        if not live:
+            return Accepted(env, body)
         # Freshness and replay come after the signature: only a correctly signed
         # message may occupy the replay memory, so forgeries cannot flood it.
         at = env.at if env.at.tzinfo else env.at.replace(tzinfo=UTC)
@@ -180,3 +175,25 @@ class Verifier:
         horizon = now - 2 * self.freshness
         while self._expiry and self._expiry[0][0] < horizon:
             self._seen.discard(heapq.heappop(self._expiry)[1])
+
+
+def _parse(data: bytes) -> tuple[dict[str, Any], Envelope, BaseModel] | Dropped:
+    """Everything about a message that needs no key: size, JSON, version, shape."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        return Dropped("oversized", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Dropped("not-json", str(exc)[:200])
+    if not isinstance(obj, dict):
+        return Dropped("malformed", "not a JSON object")
+    if obj.get("v") != VERSION:
+        return Dropped("unknown-version", f"v={obj.get('v')!r}, this agent speaks {VERSION}")
+    try:
+        env = Envelope.model_validate(obj)
+        body = BODIES[env.kind].model_validate(env.body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        return Dropped("malformed", f"{where}: {first['msg']} ({exc.error_count()} errors)")
+    return obj, env, body

@@ -39,11 +39,12 @@ def _raw_public(key: str) -> bytes:
 
 
 class Signer:
-    """Signs with a persona's nkey seed. The seed never leaves this object."""
+    """Signs with a persona's nkey seed. The seed never leaves this process."""
 
     def __init__(self, seed: bytes) -> None:
+        self.seed = seed.strip()  # nats-py needs it to answer the server's nonce
         try:
-            self._pair = nkeys.from_seed(bytearray(seed.strip()))
+            self._pair = nkeys.from_seed(bytearray(self.seed))
         except (nkeys.NkeysError, ValueError, binascii.Error) as exc:
             raise ValueError("not an nkey seed (expected a line starting with 'SU')") from exc
         self.public_key: str = self._pair.public_key.decode("ascii")

@@ -109,8 +109,14 @@ class Started(Wire):
 
 
 class Result(Wire):
+    """What came of a repair. Carries the action and target itself, so that a repair
+    that needed no quorum (and so has no proposal) is still readable on its own."""
+
     outcome: Literal["succeeded", "failed", "verified", "unverified", "compensated", "refused"]
     detail: str
+    action: str
+    target: Target
+    policy: str
     observed: dict[str, Any] = Field(default_factory=dict)
     dry_run: bool = False
 

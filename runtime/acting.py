@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
+
 from runtime.catalog import lookup
 from runtime.engine import Intent
 
@@ -48,9 +50,23 @@ class Actuators:
             lookup(name)  # an actuator for an action the catalog lacks is a wiring bug
         self._actuators = actuators
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The actions this runtime can carry out."""
+        return tuple(self._actuators)
+
     def lookup(self, action: str) -> Actuator:
         """The actuator for ``action``; raises NoActuatorError if there is none."""
         try:
             return self._actuators[action]
         except KeyError:
             raise NoActuatorError(action) from None
+
+
+async def run_actuator(actuator: Actuator, intent: Intent) -> Outcome:
+    """Run an authorized intent; an actuator that raises has failed, the agent carries on."""
+    try:
+        return await actuator.run(intent, dry_run=intent.dry_run)
+    except Exception as exc:
+        structlog.get_logger().exception("actuator raised", intent=intent.id)
+        return Outcome(ok=False, detail=f"{type(exc).__name__}: {exc}")

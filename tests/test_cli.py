@@ -165,8 +165,9 @@ def test_run_once_ticks_once_and_logs_json(
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert main(["run", "vera", "--config-dir", str(REPO), "--once"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # No seed under the default credentials dir: the agent says so and keeps observing.
     assert [e["event"] for e in events] == [
-        "starting", "running with the host observer only", "ready", "tick"]
+        "bus disabled: no identity to sign with", "starting", "ready", "tick"]
     assert {e["persona"] for e in events} == {"vera"}
     assert events[-1]["tick"] == 1
     assert events[1]["not_observed"] == ["nodes", "pods", "units", "peers", "leases"]

@@ -1,0 +1,529 @@
+"""The runtime side of the bus: presence, findings, quorum repairs and operator controls.
+
+``Coordinator`` connects one persona to the bus (forever, in the background: the
+agent observes whether or not the bus is up) and is the only path from an
+authorized destructive intent to its actuator:
+
+    proposal → votes (each voter re-observes) → decision → lease (KV create,
+    fencing token) → started → fencing check → actuator → result → verify →
+    result (verified/unverified) → lease released
+
+While the bus is unreachable, its JetStream resources have the wrong settings, or an
+operator froze the fleet, ``refusal()`` names the reason and nothing destructive
+starts. Non-destructive repairs carry on; their results are journaled locally and
+published when the bus returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+from collections import deque
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
+from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
+
+from bus import leases, subjects
+from bus.connection import BusUnavailableError, Connection
+from bus.envelope import Accepted, Envelope, Verifier
+from bus.ids import new_id
+from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure
+from bus.journal import Journal
+from bus.keys import Signer
+from bus.messages import Control, Finding, Heartbeat, Proposal, QuorumRule, Result, Started
+from bus.protocol import Judgement, Protocol
+from runtime import __version__, scopes
+from runtime.acting import Actuator, Outcome, run_actuator
+from runtime.catalog import lookup
+from runtime.config import Persona, RepairPolicy
+from runtime.detecting import APISERVER, detect
+from runtime.engine import (
+    Event,
+    FindingCleared,
+    FindingOpened,
+    Intent,
+    PolicyEngine,
+    RepairVerified,
+    StepFailed,
+    policy_digest,
+)
+from runtime.loading import ConfigSet
+from runtime.observations import LeaseObs, PeerObs, SourceStatus
+from runtime.observing import Domain, Observed, Observing
+
+log = structlog.get_logger("coordinator")
+
+HEARTBEAT_EVERY = 5.0
+_BUS_ERRORS = (BusUnavailableError, NatsError, JetStreamError, OSError, TimeoutError)
+
+
+def _digest(items: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()
+
+
+def voters_of(config: ConfigSet) -> frozenset[str]:
+    """Every persona that may vote: the eligible electorate of every quorum."""
+    return frozenset(p.value.name for p in config.personas.values()
+                     if "vote" in p.value.spec.duties)
+
+
+class Coordinator:
+    def __init__(self, *, persona: Persona, config: ConfigSet, signer: Signer, host: str,
+                 connection: Connection, engine: PolicyEngine, journal: Journal,
+                 heartbeat_every: float = HEARTBEAT_EVERY) -> None:
+        self.persona = persona
+        self.config = config
+        self.engine = engine
+        self.journal = journal
+        self.connection = connection
+        self._heartbeat_every = heartbeat_every
+        self._host = host
+        bus = config.fleet.spec.bus
+        self._settings = Settings(replicas=bus.auditReplicas, max_age=bus.auditMaxAge,
+                                  lease_ttl=bus.leaseTtl)
+        self.verifier = Verifier(
+            keys={p.value.name: p.value.spec.identity.nkey for p in config.personas.values()},
+            operators={o.name: o.nkey for o in config.fleet.spec.operators},
+            freshness=bus.freshness)
+        duties = persona.spec.duties
+        self.protocol = Protocol(
+            connection, persona=persona.name, host=host, signer=signer, verifier=self.verifier,
+            voters=voters_of(config), assess=self.assess if "vote" in duties else None,
+            on_control=self._on_control)
+        # Set by the agent once it has built its Observing (which includes this
+        # coordinator's own peers and leases observers).
+        self.observing: Observing | None = None
+        self.kv: KeyValue | None = None
+        self.problems: list[str] = []
+        self.frozen: Control | None = None
+        self.peers: dict[str, PeerObs] = {}
+        # Kept current by the agent after every tick, for the heartbeat.
+        self.ticks = 0
+        self.status_text = "starting"
+        self._subscribed = False
+        self._repairs: dict[str, tuple[str, leases.Lease | None]] = {}  # intent id → repair, lease
+        self._approved: dict[str, deque[datetime]] = {}  # policy → approvals seen, for perHour
+        self._proposed_policy: dict[str, str] = {}  # repair id → policy, to attribute decisions
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scopes_digest = _digest(persona.spec.effective_scopes)
+        self._policies_digest = _digest(policy_digest(p) for p in config.policies_of(persona))
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def connected(self) -> bool:
+        return self.connection.connected
+
+    def refusal(self) -> str | None:
+        """Why destructive work must not start now, or None when it may."""
+        if not self.connected:
+            return "bus down: destructive actions need a quorum"
+        if self.kv is None:
+            return "bus connected but its JetStream resources are not ready yet"
+        if self.problems:
+            return "bus resources have incompatible settings: " + "; ".join(self.problems)
+        if self.frozen is not None:
+            return f"fleet frozen by {self.frozen.reason!r}"
+        return None
+
+    def describe(self) -> str:
+        """The bus part of the status line."""
+        if not self.connected:
+            return "bus: down"
+        if self.frozen is not None:
+            return "bus: connected, FROZEN"
+        return "bus: connected" + (", resources incompatible" if self.problems else "")
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Root task: connect (retrying forever), then send heartbeats until cancelled."""
+        self.connection.on_connected.append(self._on_connected)
+        await self.connection.connect()
+        while True:
+            await self.heartbeat()
+            await asyncio.sleep(self._heartbeat_every)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.connection.close()
+
+    async def _on_connected(self) -> None:
+        """On each (re)connect: check resources, subscribe, restore freeze, flush the journal."""
+        try:
+            self.problems = await ensure(self.connection.js, self._settings)
+            self.kv = await self.connection.js.key_value(LEASES_BUCKET)
+        except _BUS_ERRORS as exc:
+            self.problems = [f"cannot check JetStream resources: {exc}"]
+        for problem in self.problems:
+            log.error("bus resources incompatible: destructive work refused", problem=problem)
+        if not self._subscribed:
+            # nats-py restores subscriptions on reconnect by itself.
+            await self.protocol.subscribe()
+            await self.connection.subscribe("zeta.agent.*.heartbeat", self._on_heartbeat)
+            await self.connection.subscribe("zeta.repair.*.proposed", self._on_proposal_seen)
+            await self.connection.subscribe("zeta.repair.*.decided", self._on_decided)
+            self._subscribed = True
+        await self._restore_freeze()
+        await self.journal.flush(self.connection)
+
+    async def _restore_freeze(self) -> None:
+        """A restarted agent must stay frozen: read the last freeze and thaw from the audit."""
+        latest: tuple[int, Control] | None = None
+        for verb in ("freeze", "thaw"):
+            subject = subjects.control(verb)
+            try:
+                raw = await self.connection.js.get_last_msg(AUDIT_STREAM, subject)
+            except NotFoundError:
+                continue
+            except _BUS_ERRORS as exc:
+                log.warning("cannot read the freeze state", error=str(exc))
+                return
+            if raw.data is None or raw.seq is None:
+                continue
+            checked = self.verifier.check(subject, raw.data, live=False)
+            if isinstance(checked, Accepted) and isinstance(checked.body, Control) and (
+                    latest is None or raw.seq > latest[0]):
+                latest = (raw.seq, checked.body)
+        self.frozen = latest[1] if latest and latest[1].verb == "freeze" else None
+        if self.frozen is not None:
+            log.warning("fleet is frozen: destructive work refused", reason=self.frozen.reason)
+
+    # ------------------------------------------------------------ presence and findings
+
+    async def heartbeat(self) -> None:
+        if not self.connected:
+            return
+        body = Heartbeat(
+            pid=os.getpid(), version=__version__, tick=self.ticks, status=self.status_text,
+            bus="connected", kubernetes="not observed", frozen=self.frozen is not None,
+            scopes_digest=self._scopes_digest, policies_digest=self._policies_digest)
+        try:
+            await self.protocol.send("heartbeat", body)
+        except _BUS_ERRORS as exc:
+            log.debug("heartbeat not sent", error=str(exc))
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        checked = self.verifier.check(msg.subject, msg.data)
+        if not isinstance(checked, Accepted):
+            log.warning("message dropped", subject=msg.subject, reason=checked.reason,
+                        detail=checked.detail)
+            return
+        env = checked.envelope
+        if env.sender != self.persona.name:
+            self.peers[env.sender] = PeerObs(persona=env.sender, last_heartbeat=env.at,
+                                             host=env.host)
+
+    async def on_events(self, events: Iterable[Event]) -> None:
+        """Tell the bus what the engine concluded this tick."""
+        for event in events:
+            match event:
+                case FindingOpened(finding=f) | FindingCleared(finding=f):
+                    body = Finding(state="opened" if isinstance(event, FindingOpened)
+                                   else "cleared", policy=f.policy, target=f.target,
+                                   since=f.since, summary=f.summary, evidence=dict(f.evidence))
+                    if self.connected:
+                        try:
+                            await self.protocol.send("finding", body)
+                        except _BUS_ERRORS as exc:
+                            log.debug("finding not sent", error=str(exc))
+                case RepairVerified(intent=intent):
+                    await self._conclude(intent, "verified", "verify expectation met")
+                case StepFailed(intent=intent, reason=reason):
+                    await self._conclude(intent, "unverified", reason)
+                case _:
+                    pass
+
+    async def _conclude(self, intent: Intent, outcome: str, detail: str) -> None:
+        repair, lease = self._repairs.pop(intent.id, (None, None))
+        if repair is None:
+            return
+        await self.record(intent, repair, outcome, detail)
+        if lease is not None and self.kv is not None:
+            try:
+                await leases.release(self.kv, lease)
+            except _BUS_ERRORS as exc:
+                # The lease expires by itself (leaseTtl); the stale-lease policy sweeps it.
+                log.warning("lease not released", repair=repair, error=str(exc))
+
+    async def record(self, intent: Intent, repair: str, outcome: str, detail: str) -> None:
+        """Publish a result; journal it when the bus is down so the audit gets it later."""
+        body = Result(outcome=outcome, detail=detail, action=intent.action.name,
+                      target=intent.target, policy=intent.policy, dry_run=intent.dry_run)
+        envelope = self.protocol.seal("result", body, repair=repair)
+        try:
+            await self.connection.publish(subjects.result(repair), envelope)
+        except BusUnavailableError as exc:
+            self.journal.append(envelope)
+            log.info("result journaled until the bus returns", repair=repair, error=str(exc))
+
+    # ------------------------------------------------------------ acting
+
+    async def act_alone(self, intent: Intent, actuator: Actuator) -> Outcome:
+        """A repair that needs no quorum: run it and record the result (bus or journal)."""
+        repair = new_id()
+        outcome = await run_actuator(actuator, intent)
+        self._repairs[intent.id] = (repair, None)
+        await self.record(intent, repair, "succeeded" if outcome.ok else "failed",
+                          outcome.detail)
+        if not outcome.ok:
+            self._repairs.pop(intent.id, None)
+        return outcome
+
+    def launch(self, intent: Intent, actuator: Actuator) -> None:
+        """Start the quorum flow for ``intent`` in the background (it outlives the tick)."""
+        task = asyncio.create_task(self._with_quorum(intent, actuator),
+                                   name=f"repair:{intent.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _with_quorum(self, intent: Intent, actuator: Actuator) -> None:
+        bound = structlog.contextvars.bound_contextvars(intent=intent.id, target=intent.target.key)
+        with bound:
+            try:
+                await self._quorum_flow(intent, actuator)
+            except Exception as exc:
+                log.exception("repair flow failed")
+                self._answer_refused(intent, f"repair flow failed: {type(exc).__name__}: {exc}")
+
+    def _answer_refused(self, intent: Intent, reason: str) -> None:
+        log.warning("intent refused", reason=reason)
+        with contextlib.suppress(ValueError):  # already answered before the flow failed
+            self.engine.refused(intent.id, datetime.now(UTC), reason)
+
+    def _proposal(self, intent: Intent, now: datetime) -> Proposal:
+        assert intent.quorum is not None
+        return Proposal(
+            action=intent.action.name, target=intent.target,
+            params=intent.params.model_dump(mode="json"), policy=intent.policy,
+            policy_digest=intent.policy_digest, step=intent.step,
+            destructive=intent.destructive,
+            quorum=QuorumRule(approvals=intent.quorum.approvals, veto=intent.quorum.veto,
+                              deadline=now + intent.quorum.deadline),
+            summary=intent.finding.summary, evidence=dict(intent.finding.evidence))
+
+    async def _quorum_flow(self, intent: Intent, actuator: Actuator) -> None:
+        if (reason := self.refusal()) is not None:
+            self._answer_refused(intent, reason)
+            return
+        try:
+            repair, tally = await self.protocol.propose(self._proposal(intent, datetime.now(UTC)))
+        except _BUS_ERRORS as exc:
+            self._answer_refused(intent, f"bus failed during the vote, nothing was done: {exc}")
+            return
+        if tally.outcome != "approved":
+            self._answer_refused(intent, f"quorum {tally.outcome}: {tally.reason}")
+            return
+        # The world may have changed during the vote: check again before acting.
+        if (reason := self.refusal()) is not None or self.kv is None:
+            self._answer_refused(intent, reason or "no lease bucket")
+            await self.record(intent, repair, "refused", reason or "no lease bucket")
+            return
+        try:
+            lease = await leases.acquire(self.kv, intent.target.key, repair=repair,
+                                         executor=self.persona.name,
+                                         ttl=self._settings.lease_ttl)
+        except (leases.LeaseHeldError, *_BUS_ERRORS) as exc:
+            self._answer_refused(intent, f"no lease: {exc}")
+            await self.record(intent, repair, "refused", f"no lease: {exc}")
+            return
+        self._repairs[intent.id] = (repair, lease)
+        await self.protocol.send("started", Started(
+            executor=self.persona.name, lease=leases.kv_key(lease.target),
+            fencing_token=lease.token), repair=repair)
+        self.engine.started(intent.id, datetime.now(UTC))
+        if await leases.still_held(self.kv, lease):
+            outcome = await run_actuator(actuator, intent)
+        else:
+            outcome = Outcome(False, f"fencing token {lease.token} is stale: the lease moved on")
+        self.engine.finished(intent.id, datetime.now(UTC), ok=outcome.ok, detail=outcome.detail)
+        log.info("action finished", repair=repair, ok=outcome.ok, detail=outcome.detail,
+                 fencing_token=lease.token)
+        await self.record(intent, repair, "succeeded" if outcome.ok else "failed",
+                          outcome.detail)
+        if not outcome.ok or intent.dry_run:
+            await self._conclude(intent, "failed" if not outcome.ok else "succeeded",
+                                 "released without verify")
+
+    # ------------------------------------------------------------ voting
+
+    async def _on_proposal_seen(self, msg: Msg) -> None:
+        # Not verified here: this only attributes decisions to policies for the
+        # perHour count, and the protocol verifies every proposal it votes on.
+        repair = msg.subject.split(".")[2]
+        try:
+            policy = json.loads(msg.data)["body"]["policy"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if isinstance(policy, str) and len(self._proposed_policy) < 10_000:
+            self._proposed_policy[repair] = policy
+
+    async def _on_decided(self, msg: Msg) -> None:
+        checked = self.verifier.check(msg.subject, msg.data)
+        if not isinstance(checked, Accepted):
+            return
+        policy = self._proposed_policy.pop(checked.envelope.repair or "", None)
+        if policy and checked.envelope.body.get("outcome") == "approved":
+            self._approved.setdefault(policy, deque(maxlen=1000)).append(checked.envelope.at)
+
+    def _approved_last_hour(self, policy: str, now: datetime) -> int:
+        return sum(1 for at in self._approved.get(policy, ()) if now - at < timedelta(hours=1))
+
+    async def assess(self, envelope: Envelope, proposal: Proposal) -> Judgement:
+        """Judge a proposal on this persona's own configuration and its own fresh observation.
+
+        A persona with the ``veto`` duty turns every objection into a block: a
+        reviewer who sees a reason not to act stops the action, not just one vote.
+        """
+        verdict, reason, evidence = await self._judge(envelope, proposal)
+        if verdict == "reject" and "veto" in self.persona.spec.duties:
+            verdict = "block"
+        return Judgement(verdict, reason, evidence)  # type: ignore[arg-type]
+
+    async def _judge(self, envelope: Envelope,
+                     proposal: Proposal) -> tuple[str, str, dict[str, object]]:
+        located = self.config.policies.get(proposal.policy)
+        if located is None:
+            return "reject", f"I have no policy {proposal.policy!r}", {}
+        policy = located.value
+        mine = policy_digest(policy)
+        if mine != proposal.policy_digest:
+            return "reject", (f"policy drift: my {policy.name} digest is {mine[:12]}, "
+                              f"the proposal's {proposal.policy_digest[:12]}"), {}
+        if (problem := self._mismatch(policy, proposal)) is not None:
+            return "reject", problem, {}
+        if (problem := self._proposer_not_allowed(envelope.sender, proposal)) is not None:
+            return "reject", problem, {}
+        if self.frozen is not None:
+            return "reject", f"fleet frozen: {self.frozen.reason}", {}
+        if self.engine.breaker(policy.name) is not None:
+            return "reject", f"breaker tripped for {policy.name}", {}
+        now = datetime.now(UTC)
+        if (seen := self._approved_last_hour(policy.name, now)) >= policy.spec.budget.perHour:
+            return "reject", (f"budget: {seen}/{policy.spec.budget.perHour} repairs of "
+                              f"{policy.name} approved in the last hour"), {}
+        if self.kv is not None:
+            holder = await leases.holder(self.kv, proposal.target.key)
+            if holder is not None:
+                return "reject", (f"{proposal.target.key} is leased by repair {holder.repair} "
+                                  f"({holder.executor})"), {}
+        return await self._observe_myself(policy, proposal, now)
+
+    def _mismatch(self, policy: RepairPolicy, proposal: Proposal) -> str | None:
+        remedies = policy.spec.remedies
+        if not 0 <= proposal.step < len(remedies):
+            return f"{policy.name} has no step {proposal.step}"
+        remedy = remedies[proposal.step]
+        if remedy.action != proposal.action:
+            return (f"step {proposal.step} of {policy.name} is {remedy.action}, "
+                    f"not {proposal.action}")
+        if remedy.typed_params().model_dump(mode="json") != proposal.params:
+            return f"params differ from step {proposal.step} of {policy.name}"
+        return None
+
+    def _proposer_not_allowed(self, proposer: str, proposal: Proposal) -> str | None:
+        located = self.config.personas.get(proposer)
+        if located is None:
+            return f"{proposer} is not a persona I know"
+        spec = located.value.spec
+        if not {"propose", "execute"} <= set(spec.duties):
+            return f"{proposer} does not have the propose and execute duties"
+        action = lookup(proposal.action)
+        needed = action.scope_for(proposal.target, action.params.model_validate(proposal.params))
+        if not scopes.allows(spec.effective_scopes, needed):
+            return f"{proposer} lacks scope {needed}"
+        return None
+
+    async def _observe_myself(self, policy: RepairPolicy, proposal: Proposal,
+                              now: datetime) -> tuple[str, str, dict[str, object]]:
+        if self.observing is None:
+            return "reject", "I have no observers", {}
+        snapshot = await self.observing.snapshot(now)
+        detection = detect(policy.spec.detect, snapshot)
+        sources = {name: s.detail or ("ok" if s.ok else "failed")
+                   for name, s in snapshot.sources.items()}
+        if not detection.known:
+            return "reject", (f"I cannot observe what {policy.spec.detect.kind} needs from "
+                              f"{snapshot.host}, so I cannot confirm it"), {"sources": sources}
+        budget = policy.spec.budget.maxUnhealthyFraction
+        if budget is not None and detection.population:
+            fraction = len(detection.matches) / detection.population
+            if fraction > budget:
+                return "reject", (f"blast radius: {len(detection.matches)}/"
+                                  f"{detection.population} unhealthy > {budget:.0%}"), {}
+        finding_key = self._finding_key(policy, proposal)
+        match = detection.matches.get(finding_key)
+        if match is None:
+            return "reject", (f"I do not see {policy.spec.detect.kind} on {finding_key} "
+                              f"from {snapshot.host}"), {"sources": sources}
+        return "approve", f"confirmed from {snapshot.host}: {match.summary}", {
+            "observed_at": now.isoformat(), "host": snapshot.host, **match.evidence}
+
+    def _finding_key(self, policy: RepairPolicy, proposal: Proposal) -> str:
+        """The detector target behind a proposal target (a unit restart for an API finding…)."""
+        kind = policy.spec.detect.kind
+        if kind == "apiserver-unreachable":
+            return APISERVER.key
+        if proposal.target.kind == "unit" and kind != "unit-failed":
+            return f"node.{proposal.target.host}"
+        return proposal.target.key
+
+    # ------------------------------------------------------------ operator controls
+
+    async def _on_control(self, envelope: Envelope, control: Control) -> None:
+        log.warning("operator control", verb=control.verb, by=envelope.sender,
+                    reason=control.reason, policy=control.policy)
+        if control.verb == "freeze":
+            self.frozen = control
+        elif control.verb == "thaw":
+            self.frozen = None
+        elif control.policy is not None:
+            self.engine.reset_breaker(control.policy, by=envelope.sender, at=envelope.at)
+
+    # ------------------------------------------------------------ observers fed by the bus
+
+    def observers(self) -> list[BusObserver]:
+        return [BusObserver("peers", self), BusObserver("leases", self)]
+
+
+class BusObserver:
+    """Peers (from heartbeats) or leases (from the KV bucket): None while the bus is down."""
+
+    def __init__(self, domain: Domain, coordinator: Coordinator) -> None:
+        self._domain = domain
+        self._coordinator = coordinator
+
+    @property
+    def name(self) -> str:
+        return f"bus-{self._domain}"
+
+    @property
+    def provides(self) -> frozenset[Domain]:
+        return frozenset({self._domain})
+
+    async def observe(self, now: datetime) -> Observed:
+        c = self._coordinator
+        if not c.connected:
+            return Observed({}, SourceStatus(ok=False, detail="bus down"))
+        if self._domain == "peers":
+            peers = tuple(c.peers.get(name, PeerObs(persona=name))
+                          for name in sorted(c.config.personas) if name != c.persona.name)
+            return Observed({"peers": peers}, SourceStatus(ok=True, detail=f"{len(peers)} peers"))
+        if c.kv is None:
+            return Observed({}, SourceStatus(ok=False, detail="lease bucket not ready"))
+        held = await leases.all_leases(c.kv)
+        return Observed({"leases": tuple(LeaseObs(key=lease.target, repair=lease.repair,
+                                                  holder=lease.executor, expires=lease.expires)
+                                         for lease in held)},
+                        SourceStatus(ok=True, detail=f"{len(held)} leases"))
+

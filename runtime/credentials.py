@@ -1,0 +1,51 @@
+"""Where a persona's secrets come from: systemd credentials, else the fleet's credentials dir.
+
+Secrets never live in persona, policy or fleet files. Under systemd,
+``LoadCredential=nkey.seed:…`` places them in ``$CREDENTIALS_DIRECTORY``, readable
+only by the service. Outside systemd (development, the lab, tests) they are read
+from ``<fleet credentialsDir>/<persona>/``, where ``zeta-agent keygen`` writes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from bus.keys import Signer
+from runtime.config import Fleet, Persona
+
+SEED_FILE = "nkey.seed"
+
+
+class CredentialError(Exception):
+    """A secret is missing or does not belong to the persona."""
+
+
+def credential_path(name: str, persona: str, fleet: Fleet,
+                    environ: Mapping[str, str] = os.environ) -> Path:
+    """The file a credential is read from, by the documented order."""
+    if given := environ.get("CREDENTIALS_DIRECTORY"):
+        return Path(given) / name
+    return Path(fleet.spec.credentialsDir) / persona / name
+
+
+def load_signer(persona: Persona, fleet: Fleet,
+                environ: Mapping[str, str] = os.environ) -> Signer:
+    """The persona's signing key, checked against the public key in its persona file."""
+    path = credential_path(SEED_FILE, persona.name, fleet, environ)
+    try:
+        seed = path.read_bytes()
+    except OSError as exc:
+        raise CredentialError(f"cannot read the nkey seed {path}: {exc.strerror or exc}; "
+                              f"create one with `zeta-agent keygen {persona.name} --write`"
+                              ) from None
+    try:
+        signer = Signer(seed)
+    except ValueError as exc:
+        raise CredentialError(f"{path}: {exc}") from None
+    if signer.public_key != persona.spec.identity.nkey:
+        raise CredentialError(
+            f"{path} holds the key {signer.public_key}, but persona {persona.name!r} is "
+            f"configured with {persona.spec.identity.nkey}: refusing to sign as someone else")
+    return signer
