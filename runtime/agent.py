@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +168,15 @@ class Agent:
         self.ready = False
         self._last_tick_done = clock()
         self._stalled = False
+        self._holds: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> Exit:
         """Tick (and feed the watchdog) until ``stop`` is set or a root task dies."""
+        # Each agent's tasks carry its own persona in their log context (several agents
+        # can share one process in tests and benchmarks).
+        structlog.contextvars.bind_contextvars(persona=self.persona.name)
         self.notifier.status("starting: first observation pass")
         roots: dict[str, Coroutine[Any, Any, None]] = {"tick-loop": self._tick_loop()}
         if self.timing.watchdog is not None:
@@ -265,9 +269,13 @@ class Agent:
         report.findings_open = len(evaluation.findings)
         report.intents = len(evaluation.intents)
         report.holds = len(evaluation.holds)
-        for hold in evaluation.holds:
-            log.info("intent held", policy=hold.policy, target=hold.target.key,
-                     step=hold.step, reason=hold.reason)
+        holds = {(h.policy, h.target.key): h for h in evaluation.holds}
+        for key, hold in holds.items():
+            # Holds repeat every tick while they last; say each one when it changes.
+            if self._holds.get(key) != hold.reason:
+                log.info("intent held", policy=hold.policy, target=hold.target.key,
+                         step=hold.step, reason=hold.reason)
+        self._holds = {key: hold.reason for key, hold in holds.items()}
         for intent in evaluation.intents:
             await self._carry_out(intent, report)
 
@@ -289,9 +297,13 @@ class Agent:
             except NoActuatorError as exc:
                 reason = str(exc)
         if reason is not None:
-            self.engine.refused(intent.id, self._wall(), reason)
+            # Waiting for the bus is transient: ask again next tick, not a minute later,
+            # so a repair goes ahead as soon as the bus is back.
+            waiting = verdict.needs_quorum and bus_refusal is not None
+            self.engine.refused(intent.id, self._wall(), reason, retry_after=(
+                timedelta(seconds=self.timing.tick) if waiting else None))
             report.refused += 1
-            log.warning("intent refused", **context, reason=reason)
+            (log.info if waiting else log.warning)("intent refused", **context, reason=reason)
             return
         if verdict.needs_quorum:
             assert self.coordinator is not None  # bus_refusal was None

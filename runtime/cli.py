@@ -1,8 +1,9 @@
-"""``zeta-agent``: run a persona, check configuration, list personas, render system files.
+"""``zeta-agent``: run a persona, check configuration, list personas, render system files,
+watch the bus and audit its history.
 
 User mistakes (a missing directory, a bad file, an unknown persona) end with a clear
 message on stderr and a non-zero exit, never a traceback. Exit codes: 0 success;
-1 ``validate`` found errors; 2 the command could not start (bad usage or
+1 ``validate`` found errors or ``audit verify`` found violations; 2 the command could not start (bad usage or
 configuration), so a systemd unit can stop restarting on it with
 ``RestartPreventExitStatus=2``.
 """
@@ -10,14 +11,19 @@ configuration), so a systemd unit can stop restarting on it with
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import cast
 
-from runtime import __version__, agent, logs
+from bus.connection import Connection
+from bus.envelope import format_time
+from bus.jetstream import AUDIT_STREAM
+from runtime import __version__, agent, auditing, logs, watching
 from runtime.config import Persona
 from runtime.loading import ConfigError, ConfigInvalidError, ConfigSet, config_paths, load
 
@@ -169,10 +175,101 @@ def _version(_args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- watching the bus
+
+
+def _bus_urls(args: argparse.Namespace, config: ConfigSet) -> list[str]:
+    return list(args.bus or config.fleet.spec.bus.urls)
+
+
+def _seed(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the seed {path}: {exc.strerror or exc}") from None
+
+
+def _watch(args: argparse.Namespace) -> int:
+    config = load_config_dir(config_dir(args.config_dir))
+    # Logs (bus reconnects) go to stderr: stdout is the view, or JSON lines for scripts.
+    logs.configure(level="warning", stream=sys.stderr)
+    connection = Connection(_bus_urls(args, config), name="zeta-agent watch",
+                            seed=_seed(args.seed))
+    view = watching.View(watching.Roster.of(config))
+    asyncio.run(watching.watch(connection, view, sys.stdout, as_json=args.json,
+                               summary_every=args.summary_every or None, ready=sys.stderr))
+    return 0
+
+
+async def _read_audit(urls: Sequence[str], seed: bytes | None, repair: str | None,
+                      connect_within: float) -> list[auditing.Stored]:
+    connection = Connection(urls, name="zeta-agent audit", seed=seed)
+    try:
+        # Connection retries forever (right for an agent); a one-shot command gives up.
+        async with asyncio.timeout(connect_within):
+            await connection.connect()
+    except TimeoutError:
+        raise UserError(f"cannot reach the bus at {', '.join(urls)} "
+                        f"within {connect_within:g}s") from None
+    try:
+        return await auditing.read(connection.js, repair)
+    except auditing.StreamMissingError:
+        raise UserError(f"the bus at {', '.join(urls)} has no {AUDIT_STREAM} stream: "
+                        "no agent has started there yet") from None
+    finally:
+        await connection.close()
+
+
+def _audit(args: argparse.Namespace) -> int:
+    config = load_config_dir(config_dir(args.config_dir))
+    logs.configure(level="warning", stream=sys.stderr)
+    urls = _bus_urls(args, config)
+    stored = asyncio.run(_read_audit(urls, _seed(args.seed), args.repair, args.timeout))
+    roster = watching.Roster.of(config)
+    if args.repair and not stored:
+        raise UserError(f"no messages of repair {args.repair} in {AUDIT_STREAM}", code=1)
+    if args.check == "verify":
+        violations = auditing.verify(stored, roster.keys, roster.operators, roster.voters)
+        for violation in violations:
+            print(json.dumps(asdict(violation)) if args.json else violation)
+        verdict = f"{len(violations)} violation(s)" if violations else "ok"
+        print(f"{verdict}: {len(stored)} messages checked", file=sys.stderr)
+        return 1 if violations else 0
+    verifier = roster.verifier()
+    if args.repair:
+        for line in auditing.listing(stored, verifier, as_json=args.json):
+            print(line)
+        return 0
+    summaries, controls = auditing.summarize(stored, verifier)
+    if args.json:
+        for summary in summaries:
+            print(json.dumps(summary.as_json()))
+        for control in controls:
+            print(json.dumps({"control": control.envelope.model_dump(mode="json",
+                                                                     by_alias=True)}))
+        return 0
+    for line in auditing.table(summaries):
+        print(line)
+    for control in controls:
+        print(f"{format_time(control.envelope.at)} "
+              f"{watching.describe(control.envelope, control.body)}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _bus_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bus", action="append", metavar="URL",
+                        help="NATS URL, repeatable (default: the fleet's bus.urls)")
+    parser.add_argument("--seed", type=Path, metavar="FILE",
+                        help="an nkey seed to connect with, e.g. a watcher's (default: none)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def _config_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -220,6 +317,33 @@ def build_parser() -> argparse.ArgumentParser:
         "sysusers", help="a sysusers.d file with one static system user per persona")
     _config_dir_option(sysusers)
     sysusers.set_defaults(handler=_render_sysusers)
+
+    watch = commands.add_parser(
+        "watch", help="a live view of the bus: presence, proposals, votes, decisions, results",
+        description="Print every message on zeta.> as it arrives, verified with the keys from "
+                    "the configuration; dropped messages are shown with the reason. Ctrl-C "
+                    "stops.")
+    _config_dir_option(watch)
+    _bus_options(watch)
+    watch.add_argument("--summary-every", type=float, default=30.0, metavar="SECONDS",
+                       help="print presence and open proposals this often; 0: never "
+                            "(default: 30; never with --json)")
+    watch.set_defaults(handler=_watch)
+
+    audit = commands.add_parser(
+        "audit", help=f"read the {AUDIT_STREAM} stream: a summary per repair, one repair, "
+                      "or verify",
+        description=f"Without arguments: one line per repair in {AUDIT_STREAM}. With --repair: "
+                    "every message of that repair in order. 'verify': re-check every "
+                    "signature and that every executed repair had a valid approving quorum; "
+                    "exit 1 listing every violation.")
+    audit.add_argument("check", nargs="?", choices=["verify"], help="verify the history")
+    audit.add_argument("--repair", metavar="ID", help="only this repair")
+    _config_dir_option(audit)
+    _bus_options(audit)
+    audit.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="give up connecting after this long (default: 5)")
+    audit.set_defaults(handler=_audit)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=_version)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from bus.keys import Signer
+from bus.keys import Signer, generate_user_seed
 from runtime.config import Fleet, Persona
 
 SEED_FILE = "nkey.seed"
@@ -49,3 +49,23 @@ def load_signer(persona: Persona, fleet: Fleet,
             f"{path} holds the key {signer.public_key}, but persona {persona.name!r} is "
             f"configured with {persona.spec.identity.nkey}: refusing to sign as someone else")
     return signer
+
+
+def write_seed(credentials_dir: Path, name: str, *, force: bool = False) -> str:
+    """Create ``<credentials_dir>/<name>/nkey.seed`` (0600, directory 0700); return its public key.
+
+    Refuses to replace an existing seed unless ``force``: a lost seed is a lost identity.
+    """
+    directory = credentials_dir / name
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / SEED_FILE
+    seed = generate_user_seed()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise CredentialError(f"{path} exists; pass --force to replace the key") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(seed + b"\n")
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to an existing file
+    return Signer(seed).public_key

@@ -589,15 +589,20 @@ class PolicyEngine:
             ladder.phase, ladder.finished_at = _Phase.VERIFYING, at
             ladder.deadline = at + intent.remedy.verify.within
 
-    def refused(self, intent_id: str, at: datetime, reason: str) -> None:
-        """The intent may not run (scope, bus down, quorum): offer it again after retry_after."""
+    def refused(self, intent_id: str, at: datetime, reason: str, *,
+                retry_after: timedelta | None = None) -> None:
+        """The intent may not run (scope, bus down, quorum): offer it again after retry_after.
+
+        A caller that knows the obstacle is transient (the bus is reconnecting) may ask
+        for a shorter wait than the engine's default.
+        """
         state, key, ladder = self._answer(intent_id, _Phase.OFFERED)
         del self._outstanding[intent_id]
         if ladder.orphaned:
             del state.ladders[key]
             return
         ladder.phase, ladder.intent = _Phase.READY, None
-        ladder.not_before = at + self._retry_after
+        ladder.not_before = at + (self._retry_after if retry_after is None else retry_after)
         ladder.refusal = f"refused: {reason}"
 
     def reset_breaker(self, policy: str, *, by: str, at: datetime) -> bool:
@@ -616,5 +621,10 @@ class PolicyEngine:
         return True
 
     def breaker(self, policy: str) -> BreakerTripped | None:
-        """The trip that holds ``policy``'s destructive repairs, if any."""
-        return self._states[policy].breaker
+        """The trip that holds ``policy``'s destructive repairs, if any.
+
+        None too for a policy this engine does not run: voters ask about every policy
+        they are asked to vote on, and only the ones they run can have tripped here.
+        """
+        state = self._states.get(policy)
+        return state.breaker if state is not None else None

@@ -24,7 +24,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from runtime.credentials import write_seed
 from runtime.durations import format_duration, parse_duration
 from runtime.loading import ConfigInvalidError, config_paths, load, yaml_files
 from runtime.natsserver import NatsServer, NatsServerError
@@ -66,20 +67,35 @@ def render_log_line(line: str) -> str:
                     if p)
 
 
-def prepare_config(source: Path, target: Path, *, tick: timedelta, nats_url: str) -> list[str]:
-    """Copy ``source``'s personas and policies into ``target`` for the lab; return the personas.
+def prepare_config(source: Path, target: Path, *, tick: timedelta | None, nats_url: str,
+                   dry_run: bool = True,
+                   policy_spec: Mapping[str, Mapping[str, Any]] | None = None,
+                   fleet_spec: Mapping[str, Any] | None = None) -> list[str]:
+    """Copy ``source``'s configuration into ``target`` for a lab or a test; return the personas.
 
-    Every persona ticks every ``tick``, every policy runs in dry-run, and the fleet's
-    bus is the lab's server. The copy is validated like any configuration directory.
+    Every persona gets a fresh nkey (seed under ``target/credentials/<persona>/``, its
+    public key written into the persona file) so the copy can use the bus; the
+    shipped files carry placeholder keys whose seeds exist nowhere. Every persona
+    ticks every ``tick`` (if given), every policy is dry-run (if ``dry_run``), and
+    ``policy_spec``/``fleet_spec`` override top-level spec fields by policy name and for
+    the fleet. The fleet's bus is ``nats_url``. The copy is validated like any
+    configuration directory.
     """
     yaml = YAML(typ="rt")
-    edits = {"Persona": ("tick", format_duration(tick)), "RepairPolicy": ("mode", "dry-run")}
+    credentials = target / "credentials"
     for path in yaml_files([source / "personas", source / "policies"]):
         docs = [d for d in yaml.load_all(path.read_text(encoding="utf-8")) if d is not None]
         for doc in docs:
-            if doc["kind"] in edits:
-                key, value = edits[doc["kind"]]
-                doc["spec"][key] = value
+            spec = doc["spec"]
+            if doc["kind"] == "Persona":
+                spec["identity"]["nkey"] = write_seed(credentials, doc["metadata"]["name"],
+                                                      force=True)
+                if tick is not None:
+                    spec["tick"] = format_duration(tick)
+            elif doc["kind"] == "RepairPolicy":
+                if dry_run:
+                    spec["mode"] = "dry-run"
+                spec.update((policy_spec or {}).get(doc["metadata"]["name"], {}))
         out = target / path.relative_to(source)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as stream:
@@ -88,7 +104,10 @@ def prepare_config(source: Path, target: Path, *, tick: timedelta, nats_url: str
     fleet: dict[str, Any] = {"apiVersion": "zeta/v1", "kind": "Fleet"}
     if fleet_file.exists():
         fleet = yaml.load(fleet_file.read_text(encoding="utf-8")) or fleet
-    fleet.setdefault("spec", {}).setdefault("bus", {})["urls"] = [nats_url]
+    spec = fleet.setdefault("spec", {})
+    spec.setdefault("bus", {})["urls"] = [nats_url]
+    spec["credentialsDir"] = str(credentials)
+    spec.update(fleet_spec or {})
     with (target / "fleet.yaml").open("w", encoding="utf-8") as stream:
         yaml.dump(fleet, stream)
     return sorted(load(config_paths(target)).personas)

@@ -136,10 +136,13 @@ def _user(comment: str, key: str, publish: Sequence[str], indent: str) -> list[s
     ]
 
 
-def render_nats(config: ConfigSet, *, listen: str, store_dir: str, source: str = "") -> str:
+def render_nats(config: ConfigSet, *, listen: str, store_dir: str | None,
+                source: str = "") -> str:
     """A complete nats-server configuration: client port, JetStream, one user per identity.
 
-    Raises DuplicateKeyError if two identities share an nkey.
+    ``store_dir`` None leaves JetStream's store directory to the command line: the
+    server refuses ``-sd`` together with a ``store_dir`` in its file. Raises
+    DuplicateKeyError if two identities share an nkey.
     """
     personas = [config.personas[name].value for name in sorted(config.personas)]
     fleet = config.fleet.spec
@@ -164,9 +167,9 @@ def render_nats(config: ConfigSet, *, listen: str, store_dir: str, source: str =
         "# changing a persona, an operator or a watcher (docs/operations.md).",
         f"listen: {json.dumps(listen)}",
         "",
-        "jetstream {",
-        f"  store_dir: {json.dumps(store_dir)}",
-        "}",
+        *(["jetstream {", f"  store_dir: {json.dumps(store_dir)}", "}"] if store_dir is not None
+          else ["# The store directory is given on the command line (nats-server -sd DIR).",
+                "jetstream: enabled"]),
         "",
         "# Only the users below may connect; each may publish only what it is listed for.",
         "authorization {",

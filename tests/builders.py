@@ -10,8 +10,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bus.messages import Target
+from runtime.acting import Outcome
 from runtime.catalog import REPAIR_ANNOTATION
 from runtime.config import Persona, RepairPolicy
+from runtime.engine import Intent
 from runtime.observations import (
     ApiProbe,
     ContainerObs,
@@ -112,3 +114,15 @@ def persona(name: str = "otto", *, tier: str = "propose", scopes: Sequence[str] 
                  "identity": {"nkey": NKEY, "kubernetes": {"user": f"zeta-{name}"}},
                  "scopes": list(scopes), "duties": list(duties)},
     })
+
+
+class RecordingActuator:
+    def __init__(self, outcome: Outcome | None = None) -> None:
+        self.outcome = outcome
+        self.runs: list[tuple[str, bool]] = []
+
+    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
+        self.runs.append((intent.id, dry_run))
+        if self.outcome is None:
+            raise RuntimeError("actuator exploded")
+        return self.outcome

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import structlog
 
+from runtime.natsserver import NatsServer
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -32,3 +34,10 @@ def config_copy(tmp_path: Path) -> Path:
     for part in ("personas", "policies"):
         shutil.copytree(REPO / part, target / part)
     return target
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server with JetStream on a free port, with its own store."""
+    with NatsServer(tmp_path / "nats-store") as server:
+        yield server

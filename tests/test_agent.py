@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from runtime.acting import Actuator, Actuators, NoActuatorError, Outcome
 from runtime.agent import Agent, Exit, Timing, state_directory, supervise
 from runtime.config import Persona, RepairPolicy
-from runtime.engine import Evaluation, Intent, PolicyEngine
+from runtime.engine import Evaluation, PolicyEngine
 from runtime.loading import load
 from runtime.notifying import Notifier
 from runtime.observations import Snapshot, SourceStatus, UnitObs
@@ -40,7 +40,7 @@ from runtime.observing import (
     parse_show,
     watched_units,
 )
-from tests.builders import T0, persona, policy, probe, unit
+from tests.builders import T0, RecordingActuator, persona, policy, probe, unit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -135,18 +135,6 @@ class ProbeObserver:
     async def observe(self, now: datetime) -> Observed:
         return Observed({"apiserver": (probe("tcp", ok=False), probe("readyz", ok=False))},
                         SourceStatus(ok=True))
-
-
-class RecordingActuator:
-    def __init__(self, outcome: Outcome | None = None) -> None:
-        self.outcome = outcome
-        self.runs: list[tuple[str, bool]] = []
-
-    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
-        self.runs.append((intent.id, dry_run))
-        if self.outcome is None:
-            raise RuntimeError("actuator exploded")
-        return self.outcome
 
 
 class FlakyEngine(PolicyEngine):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -24,9 +23,8 @@ KEYS = {n: s.public_key for n, s in SIGNERS.items()}
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path / "store") as srv:
-        yield srv
+def server(nats_server: NatsServer) -> NatsServer:
+    return nats_server
 
 
 @pytest.fixture

@@ -1,0 +1,230 @@
+"""Five agents (the shipped personas, fresh keys) on a real nats-server decide a destructive repair.
+
+The scenario needs neither Kubernetes nor systemd: the fleet's API server address is a
+closed port on 127.0.0.1, so every agent's own probes really fail on two paths, the
+apiserver-unreachable policy opens, and Otto proposes restarting k3s.service (a
+destructive action: quorum of 3 with Riven's veto). The actuator is a recording
+stand-in; what is under test is who may make it run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+
+from bus import subjects
+from bus.connection import Connection
+from bus.envelope import seal
+from bus.jetstream import AUDIT_STREAM
+from bus.keys import Signer, generate_user_seed
+from bus.messages import Vote
+from runtime.acting import Actuators, Outcome
+from runtime.agent import Agent, build
+from runtime.lab import prepare_config
+from runtime.loading import config_paths, load
+from runtime.natsserver import NatsServer
+from runtime.observations import ApiProbe, SourceStatus
+from runtime.observing import Domain, Observed, Observing
+from tests.builders import RecordingActuator
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+NAMES = ("otto", "alexa", "riven", "vera", "lior")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ReachableApi:
+    """What a persona with a working path to the API server sees."""
+
+    name = "apiserver"
+    provides: frozenset[Domain] = frozenset({"apiserver"})
+
+    async def observe(self, now: datetime) -> Observed:
+        return Observed({"apiserver": (ApiProbe(path="tcp", ok=True),)},
+                        SourceStatus(ok=True, detail="reachable"))
+
+
+@dataclass
+class Fleet:
+    agents: dict[str, Agent]
+    actuator: RecordingActuator
+    server: NatsServer
+
+    def sees_the_api(self, name: str) -> None:
+        """Give one persona a working path to the API server, so it disagrees."""
+        agent = self.agents[name]
+        others = [o for o in agent.observing.observers if "apiserver" not in o.provides]
+        agent.observing = Observing([*others, ReachableApi()], timeout=5, host=name)
+        assert agent.coordinator is not None
+        agent.coordinator.observing = agent.observing
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    # The conditions are state of other tasks (agents, subscriptions); polling them
+    # keeps each test a plain assertion on what those tasks did.
+    while not predicate():  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, nats_server: NatsServer) -> Fleet:
+    config_dir = tmp_path / "config"
+    prepare_config(
+        REPO, config_dir, tick=None, nats_url=nats_server.url, dry_run=False,
+        policy_spec={"apiserver-unreachable": {"detect": {"kind": "apiserver-unreachable",
+                                                          "minPaths": 2, "for": "0s"}}},
+        fleet_spec={"apiservers": [f"https://127.0.0.1:{_closed_port()}"],
+                    "quorum": {"approvals": 3, "veto": ["riven"], "deadline": "4s"}})
+    config = load(config_paths(config_dir))
+    actuator = RecordingActuator(Outcome(ok=True, detail="k3s.service restarted"))
+    agents = {
+        name: build(config, name, state_dir=tmp_path / "state" / name, environ={},
+                    host=name, actuators=Actuators({"host.unit.restart": actuator}))
+        for name in NAMES}
+    for agent in agents.values():
+        agent.timing = type(agent.timing)(tick=0.5)
+    return Fleet(agents, actuator, nats_server)
+
+
+async def _run(fleet: Fleet, until: Callable[[], bool]) -> None:
+    """Run all five agents until ``until`` holds (at most 30 s)."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.run(stop)) for a in fleet.agents.values()]
+    try:
+        async with asyncio.timeout(30):
+            await _until(until)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def _audit(server: NatsServer) -> list[dict[str, Any]]:
+    conn = Connection([server.url], name="audit-reader", seed=None)
+    await conn.connect()
+    try:
+        info = await conn.js.stream_info(AUDIT_STREAM)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            raw = await conn.js.get_msg(AUDIT_STREAM, seq)
+            assert raw.data is not None
+            out.append({"subject": raw.subject, **json.loads(raw.data)})
+        return out
+    finally:
+        await conn.close()
+
+
+async def test_five_agents_approve_and_otto_executes_once_with_a_fencing_token(
+        fleet: Fleet) -> None:
+    await _run(fleet, lambda: bool(fleet.actuator.runs))
+    await asyncio.sleep(0)
+    assert len(fleet.actuator.runs) == 1
+    [(intent_id, dry_run)] = fleet.actuator.runs
+    assert intent_id.startswith("apiserver-unreachable:")
+    assert dry_run is False
+    audit = await _audit(fleet.server)
+    kinds = [m["kind"] for m in audit]
+    assert kinds[0] == "proposal"
+    votes = [m for m in audit if m["kind"] == "vote"]
+    voters = {m["from"] for m in votes}
+    assert {"alexa", "riven"} <= voters, voters
+    assert all(m["body"]["verdict"] == "approve" for m in votes)
+    assert all("confirmed from" in m["body"]["reason"] for m in votes)
+    [decision] = [m for m in audit if m["kind"] == "decision"]
+    assert decision["body"]["outcome"] == "approved"
+    assert "otto" in decision["body"]["approvals"]
+    [started] = [m for m in audit if m["kind"] == "started"]
+    assert started["from"] == "otto"
+    assert started["body"]["fencing_token"] >= 1
+    results = [m for m in audit if m["kind"] == "result"]
+    assert results[0]["body"]["outcome"] == "succeeded"
+    assert len({m["repair"] for m in audit}) == 1, "one repair, one id, everything audited"
+
+
+@pytest.fixture
+async def decisions(nats_server: NatsServer) -> AsyncIterator[list[dict[str, object]]]:
+    """Every decision published on the bus, as JSON, in order."""
+    seen: list[dict[str, object]] = []
+    conn = Connection([nats_server.url], name="decision-watcher", seed=None)
+    await conn.connect()
+
+    async def on(msg: Msg) -> None:
+        seen.append(json.loads(msg.data))
+
+    await conn.subscribe("zeta.repair.*.decided", on)
+    yield seen
+    await conn.close()
+
+
+async def test_riven_vetoes_and_nothing_runs(fleet: Fleet,
+                                             decisions: list[dict[str, Any]]) -> None:
+    fleet.sees_the_api("riven")
+    await _run(fleet, lambda: bool(decisions))
+    assert decisions[0]["body"]["outcome"] == "rejected"
+    assert decisions[0]["body"]["vetoes"] == ["riven"]
+    assert fleet.actuator.runs == []
+
+
+async def test_too_few_approvals_and_nothing_runs(fleet: Fleet,
+                                                  decisions: list[dict[str, Any]]) -> None:
+    for name in ("alexa", "vera", "lior"):
+        fleet.sees_the_api(name)
+    await _run(fleet, lambda: bool(decisions))
+    body = decisions[0]["body"]
+    assert body["outcome"] == "rejected"
+    assert set(body["rejections"]) >= {"alexa", "vera", "lior"}
+    assert fleet.actuator.runs == []
+
+
+async def test_forged_and_replayed_votes_do_not_count_and_nobody_crashes(
+        fleet: Fleet, decisions: list[dict[str, Any]], nats_server: NatsServer) -> None:
+    """Riven blocks; an attacker without her key tries to approve in her name, and replays."""
+    fleet.sees_the_api("riven")
+    attacker = Signer(generate_user_seed())
+    conn = Connection([nats_server.url], name="attacker", seed=None)
+    await conn.connect()
+    injected: list[str] = []
+
+    async def forge(msg: Msg) -> None:
+        proposal = json.loads(msg.data)
+        repair = proposal["repair"]
+        approve = Vote(verdict="approve", reason="trust me", observed_at=datetime.now(UTC),
+                       policy_digest=proposal["body"]["policy_digest"])
+        forged = seal("vote", sender="riven", host="evil", body=approve, signer=attacker,
+                      repair=repair)
+        await conn.nc.publish(subjects.vote(repair, "riven"), forged.to_bytes())
+        # Replay Otto's own proposal bytes as if they were a vote from alexa.
+        await conn.nc.publish(subjects.vote(repair, "alexa"), msg.data)
+        await conn.nc.publish(subjects.vote(repair, "alexa"), b"{not json")
+        injected.append(repair)
+
+    await conn.subscribe("zeta.repair.*.proposed", forge)
+    try:
+        await _run(fleet, lambda: bool(decisions))
+    finally:
+        await conn.close()
+    assert injected
+    body = decisions[0]["body"]
+    assert body["outcome"] == "rejected"
+    assert body["vetoes"] == ["riven"]
+    assert fleet.actuator.runs == []
+    otto = fleet.agents["otto"].coordinator
+    assert otto is not None
+    dropped = otto.verifier.dropped
+    assert dropped["wrong-key"] >= 1, dropped
+    assert dropped["subject-mismatch"] >= 1, dropped
+    assert dropped["not-json"] >= 1, dropped
+    assert all(a.errors == 0 for a in fleet.agents.values()), "no tick may fail on garbage"
