@@ -3,9 +3,9 @@ watch the bus and audit its history.
 
 User mistakes (a missing directory, a bad file, an unknown persona) end with a clear
 message on stderr and a non-zero exit, never a traceback. Exit codes: 0 success;
-1 ``validate`` found errors or ``audit verify`` found violations; 2 the command could not start (bad usage or
-configuration), so a systemd unit can stop restarting on it with
-``RestartPreventExitStatus=2``.
+1 ``validate`` found errors or ``audit verify`` found violations; 2 the command could
+not start (bad usage or configuration), so a systemd unit can stop restarting on it
+with ``RestartPreventExitStatus=2``.
 """
 
 from __future__ import annotations

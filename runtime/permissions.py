@@ -101,9 +101,13 @@ def operator_publish_allow() -> list[str]:
 
 
 def watcher_publish_allow() -> list[str]:
-    """Watchers read: ``nats sub`` needs nothing, reading the streams needs read requests."""
+    """Watchers only read. ``nats sub`` needs nothing; ``nats stream ls/info/view/get`` and
+    ``nats kv ls/history`` need the read requests, and the CLI deletes the temporary
+    consumer it read through (which destroys no message)."""
     return _unique([["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST"],
-                    _read(AUDIT_STREAM), _read(LEASES_STREAM)])
+                    _read(AUDIT_STREAM), _read(LEASES_STREAM),
+                    [f"$JS.API.CONSUMER.DELETE.{AUDIT_STREAM}.*",
+                     f"$JS.API.CONSUMER.DELETE.{LEASES_STREAM}.*"]])
 
 
 class DuplicateKeyError(ValueError):

@@ -1,0 +1,205 @@
+"""The fleet when things are half broken: the bus dies mid-vote, is down, or the fleet is frozen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus import subjects
+from bus.connection import Connection
+from bus.envelope import seal
+from bus.jetstream import Settings, ensure
+from bus.keys import Signer
+from bus.messages import Control
+from runtime.acting import Actuators, Outcome
+from runtime.agent import Agent, build
+from runtime.credentials import CredentialError, load_signer, write_seed
+from runtime.lab import prepare_config
+from runtime.loading import config_paths, load
+from runtime.natsserver import NatsServer
+from runtime.observations import ApiProbe, SourceStatus, UnitObs
+from runtime.observing import Domain, Observed, Observer, Observing
+from tests.builders import RecordingActuator
+from tests.conftest import REPO
+from tests.test_fleet_quorum import NAMES, Fleet, _audit, _closed_port, _until
+
+pytestmark = pytest.mark.slow
+
+
+class SlowUnreachableApi:
+    """A voter whose probes take a while (and fail), so a vote is still open when we strike."""
+
+    name = "apiserver"
+    provides: frozenset[Domain] = frozenset({"apiserver"})
+
+    async def observe(self, now: datetime) -> Observed:
+        await asyncio.sleep(1.0)
+        return Observed({"apiserver": (ApiProbe(path="tcp", ok=False, error="refused"),
+                                       ApiProbe(path="readyz", ok=False, error="refused"))},
+                        SourceStatus(ok=True, detail="unreachable"))
+
+
+class FailedKubelet:
+    name = "units"
+    provides: frozenset[Domain] = frozenset({"units"})
+
+    async def observe(self, now: datetime) -> Observed:
+        return Observed({"units": (UnitObs(name="kubelet.service", active_state="failed"),)},
+                        SourceStatus(ok=True))
+
+
+def _replace(agent: Agent, observer: Observer) -> None:
+    others = [o for o in agent.observing.observers if not o.provides & observer.provides]
+    agent.observing = Observing([*others, observer], timeout=5, host=agent.persona.name)
+    if agent.coordinator is not None:
+        agent.coordinator.observing = agent.observing
+
+
+def _fleet(tmp_path: Path, url: str, *, operators: list[dict[str, str]] | None = None,
+           names: tuple[str, ...] = NAMES,
+           actuators: dict[str, RecordingActuator] | None = None) -> dict[str, Agent]:
+    config_dir = tmp_path / "config"
+    prepare_config(
+        REPO, config_dir, tick=None, nats_url=url, dry_run=False,
+        policy_spec={
+            "apiserver-unreachable": {"detect": {"kind": "apiserver-unreachable",
+                                                 "minPaths": 2, "for": "0s"}},
+            "kubelet-failed": {"detect": {"kind": "unit-failed", "units": ["kubelet.service"],
+                                          "for": "0s"}}},
+        fleet_spec={"apiservers": [f"https://127.0.0.1:{_closed_port()}"],
+                    "quorum": {"approvals": 3, "veto": ["riven"], "deadline": "4s"},
+                    "operators": operators or []})
+    config = load(config_paths(config_dir))
+    agents = {name: build(config, name, state_dir=tmp_path / "state" / name, environ={},
+                          host=name, actuators=Actuators(actuators or {}))
+              for name in names}
+    for agent in agents.values():
+        agent.timing = type(agent.timing)(tick=0.5)
+    return agents
+
+
+async def test_the_bus_dies_mid_vote_nothing_runs_and_the_audit_has_no_duplicates(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    actuator = RecordingActuator(Outcome(ok=True))
+    agents = _fleet(tmp_path, nats_server.url, actuators={"host.unit.restart": actuator})
+    for name in ("alexa", "riven", "vera", "lior"):
+        _replace(agents[name], SlowUnreachableApi())
+    fleet = Fleet(agents, actuator, nats_server)
+    proposed: list[str] = []
+    watcher = Connection([nats_server.url], name="w", seed=None)
+    await watcher.connect()
+
+    async def on_proposal(msg: Any) -> None:
+        proposed.append(msg.subject)
+
+    await watcher.subscribe("zeta.repair.*.proposed", on_proposal)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
+    try:
+        async with asyncio.timeout(20):
+            await _until(lambda: bool(proposed))
+        nats_server.kill()  # the voters are still observing: no vote has been sent
+        await asyncio.sleep(5)  # past the 4 s deadline, with the bus gone
+        assert actuator.runs == [], "an action ran without a quorum"
+        assert all(a.coordinator and a.coordinator.refusal() for a in agents.values())
+        nats_server.start()  # same port, same store: the agents find it again
+        async with asyncio.timeout(20):
+            await _until(lambda: all(a.coordinator and a.coordinator.refusal() is None
+                                     for a in agents.values()))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await watcher.close()
+    assert actuator.runs == []
+    audit = await _audit(fleet.server)
+    ids = Counter(m["id"] for m in audit)
+    assert all(n == 1 for n in ids.values()), "the audit stream holds a message twice"
+    assert not [m for m in audit if m["kind"] in ("started", "result")]
+
+
+async def test_a_frozen_fleet_observes_but_does_nothing_destructive_until_thawed(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    pub = write_seed(tmp_path / "operator-creds", "alice")
+    alice = Signer((tmp_path / "operator-creds" / "alice" / "nkey.seed").read_bytes())
+    assert alice.public_key == pub
+    actuator = RecordingActuator(Outcome(ok=True))
+    agents = _fleet(tmp_path, nats_server.url, operators=[{"name": "alice", "nkey": pub}],
+                    actuators={"host.unit.restart": actuator})
+    operator = Connection([nats_server.url], name="operator", seed=None)
+    await operator.connect()
+    await ensure(operator.js, Settings())
+
+    async def control(verb: str) -> None:
+        body = Control(verb=verb, reason=f"drill: {verb}")
+        envelope = seal("control", sender="alice", host="laptop", body=body, signer=alice)
+        await operator.publish(subjects.control(verb), envelope)
+
+    await control("freeze")  # before the agents start: they must read it from the audit
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
+    otto = agents["otto"]
+    try:
+        async with asyncio.timeout(20):
+            await _until(lambda: otto.coordinator is not None
+                         and otto.coordinator.frozen is not None and otto.ticks >= 4)
+        assert actuator.runs == []
+        assert otto.engine.status().open_findings >= 1, "a frozen fleet still observes"
+        await control("thaw")
+        async with asyncio.timeout(30):
+            await _until(lambda: bool(actuator.runs))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await operator.close()
+    audit = await _audit(nats_server)
+    kinds = [m["kind"] for m in audit]
+    assert kinds.index("control") < kinds.index("proposal")
+    assert [m["body"]["verb"] for m in audit if m["kind"] == "control"] == ["freeze", "thaw"]
+
+
+async def test_with_the_bus_down_destructive_work_is_refused_and_other_repairs_are_journaled(
+        tmp_path: Path) -> None:
+    port = _closed_port()
+    start = RecordingActuator(Outcome(ok=True, detail="kubelet started"))
+    restart = RecordingActuator(Outcome(ok=True))
+    agents = _fleet(tmp_path, f"nats://127.0.0.1:{port}", names=("otto",),
+                    actuators={"host.unit.start": start, "host.unit.restart": restart})
+    otto = agents["otto"]
+    _replace(otto, FailedKubelet())
+    journal = tmp_path / "state" / "otto" / "journal.jsonl"
+    stop = asyncio.Event()
+    task = asyncio.create_task(otto.run(stop))
+    server = NatsServer(tmp_path / "late-store", port=port)
+    try:
+        async with asyncio.timeout(20):
+            await _until(lambda: bool(start.runs) and journal.exists())
+        assert restart.runs == [], "a destructive action ran with the bus down"
+        [entry] = [json.loads(line) for line in journal.read_text().splitlines()]
+        assert entry["kind"] == "result"
+        assert entry["body"]["action"] == "host.unit.start"
+        assert entry["body"]["outcome"] == "succeeded"
+        server.start()
+        async with asyncio.timeout(30):
+            await _until(lambda: not journal.exists())
+        audit = await _audit(server)
+        assert [m["id"] for m in audit if m["kind"] == "result"][:1] == [entry["id"]]
+    finally:
+        stop.set()
+        await task
+        server.stop()
+
+
+def test_an_agent_refuses_a_seed_that_is_not_its_own(tmp_path: Path) -> None:
+    config_dir = tmp_path / "config"
+    prepare_config(REPO, config_dir, tick=None, nats_url="nats://127.0.0.1:1")
+    config = load(config_paths(config_dir))
+    seeds = Path(config.fleet.spec.credentialsDir)
+    (seeds / "otto" / "nkey.seed").write_bytes((seeds / "riven" / "nkey.seed").read_bytes())
+    with pytest.raises(CredentialError, match="refusing to sign as someone else"):
+        load_signer(config.persona("otto"), config.fleet, {})
