@@ -123,10 +123,12 @@ class Connection:
                         handler: Callable[[Msg], Awaitable[None]]) -> Subscription:
         return await self.nc.subscribe(subject, cb=handler)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 2.0) -> None:
+        """Drain (deliver what is in flight), but never hold up a stopping agent for long."""
         if self._nc is not None and not self._nc.is_closed:
             try:
-                await self._nc.drain()
+                async with asyncio.timeout(timeout):
+                    await self._nc.drain()
             except (NatsError, OSError, TimeoutError):
                 await self._nc.close()
 

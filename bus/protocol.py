@@ -64,12 +64,17 @@ class Protocol:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def subscribe(self) -> None:
-        """(Re)subscribe; called on every (re)connect."""
+        """(Re)subscribe; called on every (re)connect.
+
+        Returns once the server holds the subscriptions: nats-py only queues them, and
+        a proposal published meanwhile would never reach this voter.
+        """
         if self._assess is not None:
             await self._conn.subscribe("zeta.repair.*.proposed", self._on_proposal)
         await self._conn.subscribe("zeta.repair.*.vote.*", self._on_vote)
         if self._on_control is not None:
             await self._conn.subscribe("zeta.control.*", self._on_control_msg)
+        await self._conn.nc.flush()
 
     def seal(self, kind: Kind, body: BaseModel, *, repair: str | None = None) -> Envelope:
         return seal(kind, sender=self.persona, host=self._host, body=body, signer=self._signer,

@@ -63,6 +63,16 @@ class Actuators:
             raise NoActuatorError(action) from None
 
 
+class DryRunOnly:
+    """Stands in for a missing actuator on a dry-run intent; refuses to do anything real."""
+
+    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
+        if not dry_run:
+            return Outcome(ok=False, detail=f"no actuator for {intent.action.name}")
+        return Outcome(ok=True, detail=f"dry-run: {intent.action.name} on {intent.target.key} "
+                                       "would run now; nothing was called")
+
+
 async def run_actuator(actuator: Actuator, intent: Intent) -> Outcome:
     """Run an authorized intent; an actuator that raises has failed, the agent carries on."""
     try:

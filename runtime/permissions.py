@@ -46,8 +46,11 @@ def _ensure(stream: str) -> tuple[str, ...]:
 def _read(stream: str) -> tuple[str, ...]:
     """Read a stream: info, single messages, consumers (create, info, next, ack, flow control).
 
-    Ack and flow-control replies come in two layouts: ``$JS.ACK.<stream>.…`` and,
-    when a server enables its v2 format, ``$JS.ACK.<domain>.<account>.<stream>.…``.
+    Acks and flow-control answers are publishes to the reply subject of a delivered
+    message (``$JS.ACK.<stream>.…``, ``$JS.FC.<stream>.…``). They are granted by
+    subject rather than with ``allow_responses``: that would also let a persona answer
+    requests it merely overheard on ``zeta.>``, such as another agent's publish
+    awaiting JetStream's acknowledgement.
     """
     return (
         f"$JS.API.STREAM.INFO.{stream}",
@@ -57,9 +60,7 @@ def _read(stream: str) -> tuple[str, ...]:
         f"$JS.API.CONSUMER.INFO.{stream}.*",
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
         f"$JS.ACK.{stream}.>",
-        f"$JS.ACK.*.*.{stream}.>",
         f"$JS.FC.{stream}.>",
-        f"$JS.FC.*.*.{stream}.>",
     )
 
 

@@ -244,7 +244,7 @@ def story(signers: Mapping[str, Signer], *, start: datetime, host: str = "cp-1",
     say("result", "otto", 2.3, Result(
         outcome="succeeded", detail="worker-1 cordoned", action="k8s.node.cordon",
         target=target, policy="node-not-ready", observed={"unschedulable": True}))
-    say("control", EXAMPLE_OPERATOR, 60, Control(
+    say("control", EXAMPLE_OPERATOR, 3, Control(
         verb="freeze", reason="investigating worker-1 hardware; no repairs until thawed"),
         about=False)
     return out

@@ -104,3 +104,18 @@ def test_an_invalid_configuration_starts_nothing(tmp_path: Path) -> None:
 )
 def test_agent_log_lines_are_shown_compactly(line: str, shown: str) -> None:
     assert render_log_line(line) == shown
+
+
+def test_the_drill_goes_through_the_quorum_over_the_bus() -> None:
+    lab = start_lab("--duration", "14s", "--tick", "1s")
+    output, _ = lab.communicate()
+    assert lab.returncode == 0, output
+    check_clean_run(output)
+    assert re.search(r"^otto +\| .* proposing .*action=host\.unit\.restart", output,
+                     re.MULTILINE), output
+    for voter in ("alexa", "riven", "vera", "lior"):
+        assert re.search(rf"^{voter} +\| .* voted .*verdict=approve reason=confirmed from",
+                         output, re.MULTILINE), output
+    assert re.search(r"^otto +\| .* decided .*outcome=approved", output, re.MULTILINE), output
+    assert re.search(r"^otto +\| .* action finished .*ok=True detail=dry-run: .*fencing_token=",
+                     output, re.MULTILINE), output
