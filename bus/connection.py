@@ -25,6 +25,7 @@ from bus.envelope import Envelope
 log = structlog.get_logger("bus")
 
 AUDITED_PREFIXES = ("zeta.repair.", "zeta.control.")
+CLOSE_GRACE = 2.0  # seconds; systemd's stop timeout is for the whole agent, not the drain
 
 
 class BusUnavailableError(ConnectionError):
@@ -123,11 +124,11 @@ class Connection:
                         handler: Callable[[Msg], Awaitable[None]]) -> Subscription:
         return await self.nc.subscribe(subject, cb=handler)
 
-    async def close(self, timeout: float = 2.0) -> None:
+    async def close(self) -> None:
         """Drain (deliver what is in flight), but never hold up a stopping agent for long."""
         if self._nc is not None and not self._nc.is_closed:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(CLOSE_GRACE):
                     await self._nc.drain()
             except (NatsError, OSError, TimeoutError):
                 await self._nc.close()
