@@ -32,10 +32,10 @@ import structlog
 from bus.connection import Connection
 from bus.journal import Journal
 from runtime import __version__
-from runtime.acting import Actuators, DryRunOnly, NoActuatorError, run_actuator
+from runtime.acting import Actuator, Actuators, DryRunOnly, NoActuatorError, run_actuator
 from runtime.authorizing import authorize
 from runtime.config import Persona
-from runtime.coordinating import Coordinator
+from runtime.coordinating import Coordinator, LeaseReleaser
 from runtime.credentials import CredentialError, load_signer
 from runtime.engine import (
     BreakerReset,
@@ -373,8 +373,8 @@ def bus_urls(config: ConfigSet, environ: Mapping[str, str] = os.environ) -> tupl
 
 
 def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
-          environ: Mapping[str, str] = os.environ, actuators: Actuators | None = None,
-          host: str | None = None) -> Agent:
+          environ: Mapping[str, str] = os.environ,
+          actuators: Mapping[str, Actuator] | None = None, host: str | None = None) -> Agent:
     """The agent for one persona of a loaded configuration, wired to this host and the bus."""
     persona = config.persona(persona_name)
     policies = config.policies_of(persona)
@@ -401,17 +401,19 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
             engine=engine, journal=Journal(state_dir / "journal.jsonl"))
         observers += coordinator.observers()
     observing = Observing(observers, timeout=timing.observe_timeout, host=host)
+    available: dict[str, Actuator] = {}
     if coordinator is not None:
         coordinator.observing = observing
-    actuators = actuators or Actuators()
+        available["bus.lease.release"] = LeaseReleaser(coordinator)
+    registry = Actuators({**available, **(actuators or {})})
     log.info("starting", version=__version__, policies=list(persona.spec.policies),
              tick_s=timing.tick, state_dir=str(state_dir), watchdog_s=timing.watchdog,
              notify_socket=notifier.address,
              bus=list(bus_urls(config, environ)) if coordinator else "disabled",
              observers=[o.name for o in observing.observers],
              not_observed=list(observing.unobserved),
-             actuators=sorted(actuators.names) or "none: every intent that would act is refused")
-    return Agent(persona, engine=engine, observing=observing, actuators=actuators,
+             actuators=sorted(registry.names) or "none: every intent that would act is refused")
+    return Agent(persona, engine=engine, observing=observing, actuators=registry,
                  notifier=notifier, timing=timing, coordinator=coordinator)
 
 

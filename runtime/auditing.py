@@ -187,14 +187,16 @@ class _Audit:
             assert isinstance(vote.body, Vote)
             counted.append(Ballot(vote_id, vote.envelope.sender, vote.body.verdict,
                                   vote.envelope.at))
-        kept = {b.vote_id for b in counted_ballots(rule, counted, self.voters)}
-        voted: set[str] = set()
-        for ballot in sorted(counted, key=lambda b: (b.at, b.vote_id)):
+        # Stream order, not the senders' clocks, says which votes the proposer had seen.
+        seen = [Ballot(v.envelope.id, v.envelope.sender, v.body.verdict, v.envelope.at)
+                for v in votes if isinstance(v.body, Vote) and v.stored.seq < decision.stored.seq
+                and v.envelope.id not in body.votes]
+        kept = {b.vote_id for b in counted_ballots(rule, [*counted, *seen], self.voters)}
+        for ballot in counted:
             if ballot.vote_id not in kept:
                 self.flag(decision, f"counted vote {ballot.vote_id} by {ballot.voter} must not "
-                                    f"count: {self._why_not(rule, ballot, voted)}")
+                                    f"count: {self._why_not(rule, ballot)}")
                 sound = False
-            voted.add(ballot.voter)
         at = decision.envelope.at
         claimed = tally(rule, counted, self.voters, at)
         if claimed.outcome != "approved":
@@ -205,10 +207,6 @@ class _Audit:
             self.flag(decision, f"lists approvals {sorted(body.approvals)}, its votes show "
                                 f"{sorted(claimed.approvals)}")
             sound = False
-        # Stream order, not the senders' clocks, says which votes the proposer had seen.
-        seen = [Ballot(v.envelope.id, v.envelope.sender, v.body.verdict, v.envelope.at)
-                for v in votes if isinstance(v.body, Vote) and v.stored.seq < decision.stored.seq
-                and v.envelope.id not in body.votes]
         whole = tally(rule, [*counted, *seen], self.voters, at)
         if whole.outcome != "approved":
             self.flag(decision, f"approved, but the votes in the stream give {whole.outcome}: "
@@ -216,16 +214,15 @@ class _Audit:
             sound = False
         return sound
 
-    def _why_not(self, rule: Rule, ballot: Ballot, voted: Set[str]) -> str:
+    def _why_not(self, rule: Rule, ballot: Ballot) -> str:
+        """Why ``counted_ballots`` left a ballot out, in its own order of rules."""
         if ballot.voter == rule.proposer:
             return "the proposer's own vote (the proposal is its approval)"
         if ballot.voter not in self.voters:
             return f"{ballot.voter} is not an eligible voter (no vote duty)"
         if ballot.at > rule.deadline:
             return "cast after the deadline"
-        if ballot.voter in voted:
-            return f"a second vote by {ballot.voter}"
-        return "not counted by the quorum rules"
+        return f"a second vote by {ballot.voter} (a persona's first vote is its vote)"
 
     def check_start(self, start: _Msg, proposal: _Msg | None, decision: _Msg | None,
                     sound: bool) -> None:

@@ -1,11 +1,11 @@
 """``zeta-agent``: run a persona, check configuration, list personas, render system files,
-watch the bus and audit its history.
+watch the bus and audit its history, make keys, and freeze or thaw the fleet.
 
 User mistakes (a missing directory, a bad file, an unknown persona) end with a clear
 message on stderr and a non-zero exit, never a traceback. Exit codes: 0 success;
-1 ``validate`` found errors or ``audit verify`` found violations; 2 the command could
-not start (bad usage or configuration), so a systemd unit can stop restarting on it
-with ``RestartPreventExitStatus=2``.
+1 ``validate`` found errors, ``audit verify`` found violations or a control could not
+be sent; 2 the command could not start (bad usage or configuration), so a systemd unit
+can stop restarting on it with ``RestartPreventExitStatus=2``.
 """
 
 from __future__ import annotations
@@ -14,22 +14,26 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import cast
+from typing import TypeAlias, cast
 
-from bus.connection import Connection
+from bus.connection import Connection, subject_for
 from bus.envelope import format_time
-from bus.jetstream import AUDIT_STREAM
-from runtime import __version__, agent, auditing, logs, watching
-from runtime.config import Persona
+from bus.jetstream import AUDIT_STREAM, Settings
+from bus.subjects import PERSONA_NAME
+from runtime import __version__, agent, auditing, logs, operating, permissions, watching
+from runtime.config import DEFAULT_FLEET, Fleet, Persona
 from runtime.loading import ConfigError, ConfigInvalidError, ConfigSet, config_paths, load
 
 CONFIG_ENV = "ZETA_CONFIG_DIR"
 DEFAULT_CONFIG_DIR = Path("/etc/zeta")
 SYSUSERS_GROUP = "zeta"
+DEFAULT_NATS_LISTEN = "127.0.0.1:4222"
+DEFAULT_NATS_STORE = Path("/var/lib/zeta-bus")
 
 
 class UserError(Exception):
@@ -224,7 +228,8 @@ async def _read_audit(urls: Sequence[str], seed: bytes | None, repair: str | Non
 
 def _audit(args: argparse.Namespace) -> int:
     config = load_config_dir(config_dir(args.config_dir))
-    logs.configure(level="warning", stream=sys.stderr)
+    # A one-shot read: connection warnings (the disconnect at exit) would only be noise.
+    logs.configure(level="error", stream=sys.stderr)
     urls = _bus_urls(args, config)
     stored = asyncio.run(_read_audit(urls, _seed(args.seed), args.repair, args.timeout))
     roster = watching.Roster.of(config)
@@ -258,6 +263,97 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- keys, bus permissions, controls
+
+
+def _fleet_of(directory: Path) -> Fleet:
+    """fleet.yaml alone (defaults without one): a broken persona file must not stop keygen."""
+    fleet_file = directory / "fleet.yaml"
+    if not fleet_file.exists():
+        return DEFAULT_FLEET
+    try:
+        return load([fleet_file]).fleet
+    except ConfigInvalidError as exc:
+        raise _errors(exc.errors, str(fleet_file), code=2) from None
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    name: str = args.name
+    if not PERSONA_NAME.match(name):
+        raise UserError(f"{name!r} is not a valid name: lowercase letters, digits and '-', "
+                        "starting with a letter, at most 26 characters")
+    directory = config_dir(args.config_dir)
+    persona = operating.persona_file(directory, name) if args.write else None
+    if persona is not None and not persona.is_file():
+        raise UserError(f"--write needs the persona file {persona}, which does not exist "
+                        "(without --write, keygen makes a key for any name, e.g. an operator)")
+    credentials = args.credentials_dir or Path(_fleet_of(directory).spec.credentialsDir)
+    try:
+        key = operating.keygen(name, credentials_dir=credentials, persona=persona,
+                               force=args.force)
+    except operating.OperatingError as exc:
+        raise UserError(str(exc)) from None
+    # The key alone on stdout, so `KEY=$(zeta-agent keygen …)` works; the rest is for people.
+    print(f"wrote {operating.seed_path(credentials, name)} (mode 0600)", file=sys.stderr)
+    if persona is not None:
+        print(f"set spec.identity.nkey in {persona}", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _listen(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _render_nats(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    try:
+        text = permissions.render_nats(config, listen=args.listen,
+                                       store_dir=str(args.store_dir), source=str(directory))
+    except permissions.DuplicateKeyError as exc:
+        raise UserError(str(exc)) from None
+    print(text, end="")
+    return 0
+
+
+def _control(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    policy: str | None = getattr(args, "policy", None)
+    if policy is not None and policy not in config.policies:
+        known = ", ".join(sorted(config.policies)) or "none"
+        raise UserError(f"no policy {policy!r} in {directory / 'policies'}; known: {known}")
+    fleet = config.fleet.spec
+    seed_file = args.seed or operating.seed_path(Path(fleet.credentialsDir), args.operator)
+    seed = _seed(seed_file) or b""
+    urls = _bus_urls(args, config)
+    # Bus reconnect warnings go to stderr: stdout says what was sent.
+    logs.configure(level="warning", stream=sys.stderr)
+    try:
+        signer = operating.operator_signer(config.fleet, args.operator, seed, seed_file)
+        envelope = operating.control(args.verb, operator=args.operator, signer=signer,
+                                     reason=args.reason, policy=policy,
+                                     host=socket.gethostname())
+        problems = asyncio.run(operating.send(
+            envelope, urls=urls, seed=seed, within=args.timeout,
+            settings=Settings(replicas=fleet.bus.auditReplicas, max_age=fleet.bus.auditMaxAge,
+                              lease_ttl=fleet.bus.leaseTtl)))
+    except operating.NotSentError as exc:
+        raise UserError(str(exc), code=1) from None
+    except operating.OperatingError as exc:
+        raise UserError(str(exc)) from None
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(f"sent {args.verb} as operator {args.operator} on {subject_for(envelope)} "
+          f"to {', '.join(urls)}")
+    print(envelope.to_bytes().decode("utf-8"))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -276,6 +372,68 @@ def _config_dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-dir", type=Path, metavar="DIR",
                         help=f"holds personas/, policies/ and an optional fleet.yaml "
                              f"(default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_DIR})")
+
+
+# What add_subparsers returns; argparse has no public name for it.
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _render_nats_parser(targets: Commands) -> None:
+    nats = targets.add_parser(
+        "nats", help="a nats-server config: JetStream and one nkey user per persona, "
+                     "operator and watcher, each allowed to publish only its own subjects")
+    _config_dir_option(nats)
+    nats.add_argument("--listen", type=_listen, default=DEFAULT_NATS_LISTEN,
+                      metavar="HOST:PORT",
+                      help=f"client address (default: {DEFAULT_NATS_LISTEN})")
+    nats.add_argument("--store-dir", type=Path, default=DEFAULT_NATS_STORE, metavar="DIR",
+                      help=f"JetStream's store (default: {DEFAULT_NATS_STORE})")
+    nats.set_defaults(handler=_render_nats)
+
+
+def _keygen_parser(commands: Commands) -> None:
+    keygen = commands.add_parser(
+        "keygen", help="write a new nkey seed for a persona, operator or watcher",
+        description="Write a new nkey seed to <credentials-dir>/NAME/nkey.seed (mode 0600, "
+                    "never printed) and print its public key on stdout. With --write, also "
+                    "set spec.identity.nkey in the persona file, changing nothing else.")
+    keygen.add_argument("name", metavar="NAME",
+                        help="a persona, or an operator or watcher to list in fleet.yaml")
+    keygen.add_argument("--credentials-dir", type=Path, metavar="DIR",
+                        help="default: the fleet's credentialsDir")
+    _config_dir_option(keygen)
+    keygen.add_argument("--write", action="store_true",
+                        help="put the public key in <config-dir>/personas/NAME.yaml")
+    keygen.add_argument("--force", action="store_true",
+                        help="replace an existing seed (its old key stops working)")
+    keygen.set_defaults(handler=_keygen)
+
+
+def _control_parsers(commands: Commands) -> None:
+    for verb, summary in (("freeze", "stop all destructive work fleet-wide"),
+                          ("thaw", "resume destructive work after a freeze"),
+                          ("breaker-reset", "close a policy's tripped circuit breaker")):
+        command = commands.add_parser(
+            verb, help=f"{summary} (signed with an operator key)",
+            description=f"{summary[0].upper()}{summary[1:]}: publish a control signed with "
+                        f"the operator's key on zeta.control.{verb}, stored in "
+                        f"{AUDIT_STREAM}.")
+        command.add_argument("--operator", required=True, metavar="NAME",
+                             help="an operator listed in fleet.yaml")
+        command.add_argument("--reason", required=True, metavar="TEXT",
+                             help="why; every agent logs it and the audit keeps it")
+        if verb == "breaker-reset":
+            command.add_argument("--policy", required=True, metavar="P",
+                                 help="the policy whose breaker to reset")
+        command.add_argument("--seed", type=Path, metavar="FILE",
+                             help="the operator's nkey seed "
+                                  "(default: <credentialsDir>/NAME/nkey.seed)")
+        _config_dir_option(command)
+        command.add_argument("--bus", action="append", metavar="URL",
+                             help="NATS URL, repeatable (default: the fleet's bus.urls)")
+        command.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                             help="give up reaching the bus after this long (default: 5)")
+        command.set_defaults(handler=_control, verb=verb)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sysusers", help="a sysusers.d file with one static system user per persona")
     _config_dir_option(sysusers)
     sysusers.set_defaults(handler=_render_sysusers)
+    _render_nats_parser(targets)
 
     watch = commands.add_parser(
         "watch", help="a live view of the bus: presence, proposals, votes, decisions, results",
@@ -344,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                        help="give up connecting after this long (default: 5)")
     audit.set_defaults(handler=_audit)
+
+    _keygen_parser(commands)
+    _control_parsers(commands)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=_version)

@@ -337,6 +337,14 @@ class Coordinator:
             self._answer_refused(intent, f"no lease: {exc}")
             await self.record(intent, repair, "refused", f"no lease: {exc}")
             return
+        if not await self._still_needed(intent):
+            # Approved, but the world moved on while we voted (another executor fixed
+            # it first, or it healed): acting now would be a second repair of nothing.
+            reason = f"{intent.finding.summary!r} no longer holds; nothing to do"
+            await leases.release(self.kv, lease)
+            self._answer_refused(intent, reason)
+            await self.record(intent, repair, "refused", reason)
+            return
         self._repairs[intent.id] = (repair, lease)
         await self.protocol.send("started", Started(
             executor=self.persona.name, lease=leases.kv_key(lease.target),
@@ -354,6 +362,16 @@ class Coordinator:
         if not outcome.ok or intent.dry_run:
             await self._conclude(intent, "failed" if not outcome.ok else "succeeded",
                                  "released without verify")
+
+    async def _still_needed(self, intent: Intent) -> bool:
+        """Look once more, under the lease, that the finding behind ``intent`` still holds."""
+        located = self.config.policies.get(intent.policy)
+        if self.observing is None or located is None:
+            return True
+        detection = detect(located.value.spec.detect,
+                           await self.observing.snapshot(datetime.now(UTC)))
+        # What cannot be seen right now was confirmed by the quorum a moment ago.
+        return not detection.known or intent.finding.target.key in detection.matches
 
     # ------------------------------------------------------------ voting
 
@@ -527,3 +545,31 @@ class BusObserver:
                                          for lease in held)},
                         SourceStatus(ok=True, detail=f"{len(held)} leases"))
 
+
+class LeaseReleaser:
+    """``bus.lease.release``: delete a repair lease whose holder let it expire.
+
+    Re-reads the lease right before deleting, and deletes only that revision: a lease
+    renewed or re-taken since the proposal is left alone.
+    """
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
+        kv = self._coordinator.kv
+        if kv is None or not self._coordinator.connected:
+            return Outcome(False, "the lease bucket is not reachable")
+        lease = await leases.holder(kv, intent.target.name)
+        if lease is None:
+            return Outcome(True, f"{intent.target.name}: no lease left to release")
+        now = datetime.now(UTC)
+        if lease.expires > now:
+            return Outcome(False, f"the lease of repair {lease.repair} is valid until "
+                                  f"{lease.expires.isoformat()}: not releasing it")
+        what = f"lease on {intent.target.name} (repair {lease.repair} by {lease.executor})"
+        if dry_run:
+            return Outcome(True, f"dry-run: would release the {what}")
+        if await leases.release(kv, lease):
+            return Outcome(True, f"released the {what}")
+        return Outcome(False, f"the {what} changed before it could be released")

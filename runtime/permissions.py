@@ -70,8 +70,8 @@ def _unique(groups: Iterable[Iterable[str]]) -> list[str]:
 
 def _jetstream_common() -> list[str]:
     """What every agent and operator needs: both resources ensured, both readable."""
-    return _unique([_ensure(AUDIT_STREAM), _ensure(LEASES_STREAM),
-                    _read(AUDIT_STREAM), _read(LEASES_STREAM)])
+    return _unique([_ensure(AUDIT_STREAM), _read(AUDIT_STREAM),
+                    _ensure(LEASES_STREAM), _read(LEASES_STREAM)])
 
 
 def writes_leases(persona: Persona) -> bool:
@@ -123,21 +123,25 @@ def _check_unique_keys(users: Sequence[tuple[str, str]]) -> None:
                                     "every persona, operator and watcher needs its own key")
 
 
-def _user(comment: str, key: str, publish: Sequence[str], indent: str) -> list[str]:
-    def strings(values: Sequence[str]) -> str:
+def _user(comment: str, key: str, publish: Sequence[str]) -> list[str]:
+    def array(values: Sequence[str], indent: str) -> list[str]:
         # JSON strings: a bare `$JS…` would be read as a config variable.
-        return ", ".join(json.dumps(v) for v in values)
+        return [f"{indent}{json.dumps(v)}{',' if i < len(values) - 1 else ''}"
+                for i, v in enumerate(values)]
 
-    inner = indent + "  "
     return [
-        f"{indent}# {comment}",
-        f"{indent}{{",
-        f"{inner}nkey: {json.dumps(key)}",
-        f"{inner}permissions: {{",
-        f"{inner}  publish: {{ allow: [{strings(publish)}] }}",
-        f"{inner}  subscribe: {{ allow: [{strings(SUBSCRIBE_ALLOW)}] }}",
-        f"{inner}}}",
-        f"{indent}}}",
+        f"    # {comment}",
+        "    {",
+        f"      nkey: {json.dumps(key)}",
+        "      permissions: {",
+        "        publish: { allow: [",
+        *array(publish, " " * 10),
+        "        ] }",
+        "        subscribe: { allow: [",
+        *array(SUBSCRIBE_ALLOW, " " * 10),
+        "        ] }",
+        "      }",
+        "    }",
     ]
 
 
@@ -154,18 +158,16 @@ def render_nats(config: ConfigSet, *, listen: str, store_dir: str | None,
     _check_unique_keys([*((f"persona {p.name}", p.spec.identity.nkey) for p in personas),
                         *((f"operator {u.name}", u.nkey) for u in fleet.operators),
                         *((f"watcher {u.name}", u.nkey) for u in fleet.watchers)])
-    indent = "    "
     users: list[str] = []
     for persona in personas:
         spec = persona.spec
         users += _user(f"persona {persona.name} ({spec.role}; duties: {', '.join(spec.duties)})",
-                       spec.identity.nkey, publish_allow(persona), indent)
+                       spec.identity.nkey, publish_allow(persona))
     for operator in fleet.operators:
-        users += _user(f"operator {operator.name}", operator.nkey, operator_publish_allow(),
-                       indent)
+        users += _user(f"operator {operator.name}", operator.nkey, operator_publish_allow())
     for watcher in fleet.watchers:
         users += _user(f"watcher {watcher.name} (read-only)", watcher.nkey,
-                       watcher_publish_allow(), indent)
+                       watcher_publish_allow())
     origin = f" from {source}" if source else ""
     lines = [
         f"# Rendered by `zeta-agent render nats`{origin}; do not edit: re-render after",

@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bus import subjects
+from bus import leases, subjects
 from bus.connection import Connection
 from bus.envelope import seal
-from bus.jetstream import Settings, ensure
+from bus.jetstream import LEASES_BUCKET, Settings, ensure
 from bus.keys import Signer
 from bus.messages import Control
-from runtime.acting import Actuators, Outcome
+from runtime.acting import Outcome
 from runtime.agent import Agent, build
 from runtime.credentials import CredentialError, load_signer, write_seed
 from runtime.lab import prepare_config
@@ -77,7 +77,7 @@ def _fleet(tmp_path: Path, url: str, *, operators: list[dict[str, str]] | None =
                     "operators": operators or []})
     config = load(config_paths(config_dir))
     agents = {name: build(config, name, state_dir=tmp_path / "state" / name, environ={},
-                          host=name, actuators=Actuators(actuators or {}))
+                          host=name, actuators=actuators)
               for name in names}
     for agent in agents.values():
         agent.timing = type(agent.timing)(tick=0.5)
@@ -203,3 +203,66 @@ def test_an_agent_refuses_a_seed_that_is_not_its_own(tmp_path: Path) -> None:
     (seeds / "otto" / "nkey.seed").write_bytes((seeds / "riven" / "nkey.seed").read_bytes())
     with pytest.raises(CredentialError, match="refusing to sign as someone else"):
         load_signer(config.persona("otto"), config.fleet, {})
+
+
+async def test_incompatible_bus_resources_refuse_destructive_work_and_say_which_setting(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    other = Connection([nats_server.url], name="another-fleet", seed=None)
+    await other.connect()
+    await ensure(other.js, Settings(max_age=timedelta(days=1)))  # not our 90 days
+    await other.close()
+    actuator = RecordingActuator(Outcome(ok=True))
+    agents = _fleet(tmp_path, nats_server.url, actuators={"host.unit.restart": actuator})
+    otto = agents["otto"]
+    assert otto.coordinator is not None
+    refusals: list[str] = []
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
+    try:
+        async with asyncio.timeout(20):
+            await _until(lambda: otto.coordinator is not None and bool(otto.coordinator.problems)
+                         and otto.ticks >= 4)
+        refusals.append(otto.coordinator.refusal() or "")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert "max_age" in refusals[0]
+    assert actuator.runs == []
+
+
+async def test_two_proposers_racing_for_one_target_execute_once(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Two Lior instances (two hosts) both see a stale lease and both propose releasing it."""
+    config_dir = tmp_path / "config"
+    prepare_config(REPO, config_dir, tick=None, nats_url=nats_server.url, dry_run=False,
+                   policy_spec={"stale-lease": {"detect": {"kind": "stale-lease", "grace": "0s",
+                                                           "for": "0s"}}})
+    config = load(config_paths(config_dir))
+    agents = [build(config, name, state_dir=tmp_path / "state" / host, environ={}, host=host)
+              for name, host in (("lior", "host-a"), ("lior", "host-b"), ("alexa", "host-c"),
+                                 ("riven", "host-d"), ("vera", "host-e"))]
+    for agent in agents:
+        agent.timing = type(agent.timing)(tick=0.5)
+    conn = Connection([nats_server.url], name="crashed-executor", seed=None)
+    await conn.connect()
+    await ensure(conn.js, Settings())
+    kv = await conn.js.key_value(LEASES_BUCKET)
+    # An executor took this lease and died: it expired a minute ago.
+    await leases.acquire(kv, "node.worker-1", repair="01jd0000000000000000000000",
+                         executor="otto", ttl=timedelta(minutes=-1))
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.run(stop)) for a in agents]
+    try:
+        async with asyncio.timeout(30):
+            while await leases.holder(kv, "node.worker-1") is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(3)  # time for the other proposer to try as well
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    await conn.close()
+    audit = await _audit(nats_server)
+    started = [m for m in audit if m["kind"] == "started"]
+    assert len(started) == 1, "two executors acted on one target"
+    results = [m for m in audit if m["kind"] == "result" and m["body"]["outcome"] == "succeeded"]
+    assert [r["repair"] for r in results] == [started[0]["repair"]]

@@ -14,20 +14,20 @@ import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
 
-from bus import subjects
+from bus import leases, subjects
 from bus.connection import Connection
 from bus.envelope import seal
-from bus.jetstream import AUDIT_STREAM
+from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Vote
-from runtime.acting import Actuators, Outcome
+from runtime.acting import Outcome
 from runtime.agent import Agent, build
 from runtime.lab import prepare_config
 from runtime.loading import config_paths, load
@@ -93,7 +93,7 @@ async def fleet(tmp_path: Path, nats_server: NatsServer) -> Fleet:
     actuator = RecordingActuator(Outcome(ok=True, detail="k3s.service restarted"))
     agents = {
         name: build(config, name, state_dir=tmp_path / "state" / name, environ={},
-                    host=name, actuators=Actuators({"host.unit.restart": actuator}))
+                    host=name, actuators={"host.unit.restart": actuator})
         for name in NAMES}
     for agent in agents.values():
         agent.timing = type(agent.timing)(tick=0.5)
@@ -228,3 +228,23 @@ async def test_forged_and_replayed_votes_do_not_count_and_nobody_crashes(
     assert dropped["subject-mismatch"] >= 1, dropped
     assert dropped["not-json"] >= 1, dropped
     assert all(a.errors == 0 for a in fleet.agents.values()), "no tick may fail on garbage"
+
+
+async def test_a_proposal_for_a_leased_target_is_rejected(
+        fleet: Fleet, decisions: list[dict[str, Any]], nats_server: NatsServer) -> None:
+    conn = Connection([nats_server.url], name="other-executor", seed=None)
+    await conn.connect()
+    await ensure(conn.js, Settings())
+    kv = await conn.js.key_value(LEASES_BUCKET)
+    held = await leases.acquire(kv, "unit.otto/k3s.service", repair="01jd0000000000000000000000",
+                                executor="vera", ttl=timedelta(minutes=5))
+    try:
+        await _run(fleet, lambda: bool(decisions))
+    finally:
+        await conn.close()
+    body = decisions[0]["body"]
+    assert body["outcome"] == "rejected"
+    assert fleet.actuator.runs == []
+    audit = await _audit(nats_server)
+    reasons = [m["body"]["reason"] for m in audit if m["kind"] == "vote"]
+    assert any(f"leased by repair {held.repair}" in r for r in reasons), reasons
