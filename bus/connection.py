@@ -26,6 +26,7 @@ log = structlog.get_logger("bus")
 
 AUDITED_PREFIXES = ("zeta.repair.", "zeta.control.")
 CLOSE_GRACE = 2.0  # seconds; systemd's stop timeout is for the whole agent, not the drain
+SYNC_TIMEOUT = 5.0  # seconds for a round trip to the server before it counts as unavailable
 
 
 class BusUnavailableError(ConnectionError):
@@ -123,6 +124,26 @@ class Connection:
     async def subscribe(self, subject: str,
                         handler: Callable[[Msg], Awaitable[None]]) -> Subscription:
         return await self.nc.subscribe(subject, cb=handler)
+
+    async def sync(self) -> None:
+        """Return once the server has processed everything sent so far on this connection.
+
+        ``flush()`` does not promise that: nats-py 2.16 writes its PING straight to the
+        socket while earlier SUB and PUB commands wait for its flusher task, so the PONG
+        can come back before a subscription exists. A message to ourselves is queued
+        behind them, and the server handles one connection's commands in order.
+        """
+        nc = self.nc
+        inbox = nc.new_inbox()
+        try:
+            probe = await nc.subscribe(inbox)
+            try:
+                await nc.publish(inbox, b"")
+                await probe.next_msg(timeout=SYNC_TIMEOUT)
+            finally:
+                await probe.unsubscribe()
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise BusUnavailableError(f"bus round trip failed: {exc}") from exc
 
     async def close(self) -> None:
         """Drain (deliver what is in flight), but never hold up a stopping agent for long."""

@@ -74,7 +74,7 @@ class Protocol:
         await self._conn.subscribe("zeta.repair.*.vote.*", self._on_vote)
         if self._on_control is not None:
             await self._conn.subscribe("zeta.control.*", self._on_control_msg)
-        await self._conn.nc.flush()
+        await self._conn.sync()
 
     def seal(self, kind: Kind, body: BaseModel, *, repair: str | None = None) -> Envelope:
         return seal(kind, sender=self.persona, host=self._host, body=body, signer=self._signer,

@@ -251,6 +251,7 @@ class Agent:
         self.notifier.status(status)
         if self.coordinator is not None:
             self.coordinator.ticks, self.coordinator.status_text = self.ticks, status
+            self.coordinator.kubernetes = report.k8s
 
     async def _tick(self, report: TickReport) -> None:
         snapshot = await self.observing.snapshot(self._wall())

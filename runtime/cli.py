@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TypeAlias, cast
 
+from bus import ids
 from bus.connection import Connection, subject_for
 from bus.envelope import format_time
 from bus.jetstream import AUDIT_STREAM, Settings
@@ -227,6 +228,9 @@ async def _read_audit(urls: Sequence[str], seed: bytes | None, repair: str | Non
 
 
 def _audit(args: argparse.Namespace) -> int:
+    if args.repair is not None and not ids.is_id(args.repair):
+        raise UserError(f"{args.repair!r} is not a repair id (26 characters, like "
+                        f"{ids.new_id()})")
     config = load_config_dir(config_dir(args.config_dir))
     # A one-shot read: connection warnings (the disconnect at exit) would only be noise.
     logs.configure(level="error", stream=sys.stderr)
@@ -305,6 +309,12 @@ def _listen(value: str) -> str:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
     return value
 
 
@@ -420,7 +430,7 @@ def _control_parsers(commands: Commands) -> None:
                         f"{AUDIT_STREAM}.")
         command.add_argument("--operator", required=True, metavar="NAME",
                              help="an operator listed in fleet.yaml")
-        command.add_argument("--reason", required=True, metavar="TEXT",
+        command.add_argument("--reason", required=True, type=_text, metavar="TEXT",
                              help="why; every agent logs it and the audit keeps it")
         if verb == "breaker-reset":
             command.add_argument("--policy", required=True, metavar="P",
@@ -480,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch = commands.add_parser(
         "watch", help="a live view of the bus: presence, proposals, votes, decisions, results",
         description="Print every message on zeta.> as it arrives, verified with the keys from "
-                    "the configuration; dropped messages are shown with the reason. Ctrl-C "
-                    "stops.")
+                    "the configuration; dropped messages are shown with the reason. It waits "
+                    "for the bus if it is down; Ctrl-C or SIGTERM stops it.")
     _config_dir_option(watch)
     _bus_options(watch)
     watch.add_argument("--summary-every", type=float, default=30.0, metavar="SECONDS",

@@ -109,6 +109,7 @@ class Coordinator:
         # Kept current by the agent after every tick, for the heartbeat.
         self.ticks = 0
         self.status_text = "starting"
+        self.kubernetes = "not observed"
         self._subscribed = False
         self._repairs: dict[str, tuple[str, leases.Lease | None]] = {}  # intent id → repair, lease
         self._approved: dict[str, deque[datetime]] = {}  # policy → approvals seen, for perHour
@@ -206,7 +207,7 @@ class Coordinator:
             return
         body = Heartbeat(
             pid=os.getpid(), version=__version__, tick=self.ticks, status=self.status_text,
-            bus="connected", kubernetes="not observed", frozen=self.frozen is not None,
+            bus="connected", kubernetes=self.kubernetes, frozen=self.frozen is not None,
             scopes_digest=self._scopes_digest, policies_digest=self._policies_digest)
         try:
             await self.protocol.send("heartbeat", body)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nats.errors import Error as NatsError
+from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
@@ -34,9 +35,9 @@ from bus.messages import Control
 from runtime.config import Fleet
 from runtime.credentials import SEED_FILE, CredentialError, write_seed
 
-# A YAML scalar as it can stand after `nkey:`: quoted, or plain up to a space, a
-# comment or the end of a flow mapping.
-_SCALAR = re.compile(r"\"[^\"]*\"|'[^']*'|[^\s,#}\]]*")
+# `nkey:` and the scalar after it: quoted, or plain up to a space, a comment or the
+# end of a flow mapping (possibly empty, for a file waiting for its first key).
+_NKEY = re.compile(r"nkey[ \t]*:(?P<space>[ \t]*)(?P<value>\"[^\"]*\"|'[^']*'|[^\s,#}\]]*)")
 
 
 class OperatingError(Exception):
@@ -56,13 +57,13 @@ def persona_file(config_dir: Path, name: str) -> Path:
 
 
 def _nkey_position(text: str, where: Path) -> tuple[int, int]:
-    """0-based line and column of the value of ``spec.identity.nkey``."""
+    """0-based line and column of the key ``nkey`` under ``spec.identity``."""
     try:
         doc = YAML(typ="rt").load(text)
         identity = doc["spec"]["identity"]
         if not isinstance(identity, CommentedMap) or "nkey" not in identity:
             raise KeyError("nkey")
-        line, column = identity.lc.value("nkey")
+        line, column = identity.lc.key("nkey")
     except YAMLError as exc:
         raise OperatingError(f"{where}: not valid YAML: {exc}") from None
     except (KeyError, TypeError):
@@ -83,23 +84,22 @@ def set_persona_key(path: Path, key: str) -> None:
     text = _read(path)
     line, column = _nkey_position(text, path)
     lines = text.splitlines(keepends=True)
-    old = _SCALAR.match(lines[line], column)
-    end = old.end() if old else column
-    lines[line] = lines[line][:column] + key + lines[line][end:]
+    found = _NKEY.match(lines[line], column)
+    if found is not None:
+        rest = lines[line][found.end():]
+        space = found["space"] or " "  # `nkey:KEY` would be one plain scalar
+        lines[line] = (lines[line][:found.start("space")] + space + key
+                       + (" " if rest.startswith("#") else "") + rest)
     updated = "".join(lines)
-    if _value_at(updated, line, column) != key:
+    if found is None or _nkey_of(updated) != key:
         raise OperatingError(f"{path}: could not replace the nkey on line {line + 1}; "
                              f"put {key} there by hand")
     _replace_file(path, updated)
 
 
-def _value_at(text: str, line: int, column: int) -> object:
-    """The value YAML now reads for ``spec.identity.nkey``, if it is still where it was."""
+def _nkey_of(text: str) -> object:
     try:
-        identity = YAML(typ="rt").load(text)["spec"]["identity"]
-        if tuple(identity.lc.value("nkey")) != (line, column):
-            return None
-        return identity["nkey"]
+        return YAML(typ="rt").load(text)["spec"]["identity"]["nkey"]
     except (YAMLError, KeyError, TypeError):
         return None
 
@@ -170,8 +170,12 @@ def operator_signer(fleet: Fleet, operator: str, seed: bytes, source: Path) -> S
 
 def control(verb: str, *, operator: str, signer: Signer, reason: str, policy: str | None,
             host: str) -> Envelope:
-    """The signed control envelope (``Control`` validates the verb and the reason)."""
-    body = Control.model_validate({"verb": verb, "reason": reason, "policy": policy})
+    """The signed control envelope; OperatingError if ``Control`` refuses the verb or reason."""
+    try:
+        body = Control.model_validate({"verb": verb, "reason": reason, "policy": policy})
+    except ValidationError as exc:
+        raise OperatingError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                       for e in exc.errors())) from None
     return seal("control", sender=operator, host=host, body=body, signer=signer)
 
 

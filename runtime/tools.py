@@ -95,10 +95,14 @@ def _stderr(line: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, progress: Progress) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+    with path.open("a") as handle:  # the lock is released when the file is closed
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"waiting for another process building into {path.parent}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 
@@ -111,7 +115,7 @@ def ensure_built(tool: GoTool, *, environ: Mapping[str, str] = os.environ,
     target = tool.path(cache_dir(environ))
     if target.exists():
         return target
-    with _locked(target.parent / ".lock"):
+    with _locked(target.parent / ".lock", progress):
         if target.exists():  # built by whoever held the lock before us
             return target
         _build(tool, target, environ, progress)

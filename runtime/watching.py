@@ -15,7 +15,6 @@ every time as an argument, so it is tested without a bus.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from runtime.coordinating import voters_of
 from runtime.loading import ConfigSet
 
 SUBJECT = "zeta.>"
+FORGET_AFTER = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,17 @@ class View:
 
         The line is None for a heartbeat that changes nothing the presence shows.
         """
+        self._forget(now)
         outcome = self.verifier.check(subject, data, now)
         if isinstance(outcome, Dropped):
             return outcome, f"{_clock(now)} DROPPED {subject}: {outcome.reason}: {outcome.detail}"
         return outcome, self._update(outcome, now)
+
+    def _forget(self, now: datetime) -> None:
+        # A proposal whose proposer died never gets a decision; after its deadline
+        # (and a while for the summary to show it expired) it is no longer open.
+        for repair in [r for r, p in self.open.items() if now - p.rule.deadline > FORGET_AFTER]:
+            del self.open[repair]
 
     def _update(self, accepted: Accepted, now: datetime) -> str | None:
         env, body, repair = accepted.envelope, accepted.body, accepted.envelope.repair or ""
@@ -198,7 +205,11 @@ def json_line(subject: str, data: bytes, outcome: Accepted | Dropped) -> str:
 
 async def watch(connection: Connection, view: View, out: TextIO, *, as_json: bool,
                 summary_every: float | None, ready: TextIO | None = None) -> None:
-    """Print the bus until SIGINT or SIGTERM. ``ready`` gets one line once subscribed."""
+    """Print the bus until SIGINT or SIGTERM. ``ready`` gets one line once subscribed.
+
+    The first connect is retried forever (the bus may come up later), and a signal
+    ends the watch whether or not it ever connected.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -214,27 +225,29 @@ async def watch(connection: Connection, view: View, out: TextIO, *, as_json: boo
         elif text is not None:
             emit(text)
 
-    async def summaries(every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
+    async def follow() -> None:
+        await connection.connect()
+        await connection.subscribe(SUBJECT, on_message)
+        await connection.nc.flush()
+        if ready is not None:
+            print(f"watching {SUBJECT}: {len(view.roster.keys)} personas, "
+                  f"{len(view.roster.operators)} operators known", file=ready, flush=True)
+        while summary_every and not as_json:
+            await asyncio.sleep(summary_every)
             for line in view.summary(datetime.now(UTC)):
                 emit(line)
-
-    await connection.connect()
-    await connection.subscribe(SUBJECT, on_message)
-    await connection.nc.flush()
-    if ready is not None:
-        print(f"watching {SUBJECT}: {len(view.roster.keys)} personas, "
-              f"{len(view.roster.operators)} operators known", file=ready, flush=True)
-    ticker = (asyncio.create_task(summaries(summary_every))
-              if summary_every and not as_json else None)
-    try:
         await stop.wait()
+
+    following = asyncio.create_task(follow())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if ticker is not None:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+        for task in (following, stopping):
+            task.cancel()
+        await asyncio.gather(following, stopping, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await connection.close()
+    if not following.cancelled() and (failure := following.exception()) is not None:
+        raise failure

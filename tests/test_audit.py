@@ -477,6 +477,8 @@ def test_audit_lists_summarises_and_verifies_a_real_stream(
 
     assert main(["audit", "--repair", ids.new_id(), *config]) == 1
     assert "no messages of repair" in capsys.readouterr().err
+    assert main(["audit", "--repair", "*", *config]) == 2
+    assert "'*' is not a repair id" in capsys.readouterr().err
 
 
 def test_audit_gives_up_on_an_unreachable_bus(

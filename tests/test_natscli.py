@@ -304,10 +304,11 @@ def test_a_second_caller_waits_for_the_first_build(tmp_path: Path) -> None:
     target = tools.NATSCLI.path(tmp_path / "cache")
     target.parent.mkdir(parents=True)
     results: list[Path | Exception] = []
+    said: list[str] = []
 
     def second() -> None:
         try:
-            results.append(tools.natscli(environ, progress=lambda _: None))
+            results.append(tools.natscli(environ, progress=said.append))
         except tools.ToolUnavailableError as exc:
             results.append(exc)
 
@@ -321,6 +322,7 @@ def test_a_second_caller_waits_for_the_first_build(tmp_path: Path) -> None:
         fcntl.flock(held, fcntl.LOCK_UN)
     waiter.join(5)
     assert results == [target]
+    assert said == [f"waiting for another process building into {target.parent}"]
 
 
 def test_a_missing_prerequisite_skips_locally_and_fails_in_ci() -> None:

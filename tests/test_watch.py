@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from bus.messages import BODIES, Heartbeat, Vote
 from runtime import tools
 from runtime.cli import load_config_dir
 from runtime.natsserver import NatsServer
-from runtime.watching import Roster, View, describe, json_line
+from runtime.watching import FORGET_AFTER, Roster, View, describe, json_line
 from tests.conftest import REPO
 from tests.keyed import OPERATOR, keyed_config
 
@@ -104,6 +105,12 @@ def test_open_proposals_are_listed_with_their_votes_so_far() -> None:
     table = view.summary(tools.EXAMPLE_START + timedelta(seconds=2))
     assert table[-1] == (f"open {REPAIR}: k8s.node.cordon on node.worker-1 by otto: alexa "
                          "approve [pending: 2/3 approvals so far]")
+    deadline = tools.EXAMPLE_START + timedelta(seconds=31)
+    assert view.summary(deadline + timedelta(seconds=1))[-1].endswith(
+        "[expired: deadline passed: waiting for riven (veto)]")
+    subject, heartbeat = EXAMPLES[0]
+    view.feed(subject, heartbeat.to_bytes(), deadline + FORGET_AFTER + timedelta(seconds=1))
+    assert view.open == {}, "a proposal never decided is forgotten after its deadline"
 
 
 def test_drops_are_shown_with_their_reason() -> None:
@@ -145,6 +152,12 @@ def test_the_roster_comes_from_the_configuration(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the command on a real bus
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def _spawn(*args: str) -> asyncio.subprocess.Process:
@@ -215,3 +228,16 @@ async def test_watch_prints_every_message_and_every_drop(
     finally:
         codes = [await _stop(as_json), await _stop(for_people)]
     assert codes == [0, 0], "SIGTERM ends the watch cleanly"
+
+
+@pytest.mark.slow
+async def test_watch_waits_for_the_bus_and_still_stops_on_sigterm(tmp_path: Path) -> None:
+    keyed = keyed_config(tmp_path / "config", f"nats://127.0.0.1:{_closed_port()}")
+    proc = await _spawn("watch", "--config-dir", str(keyed.config_dir))
+    try:
+        assert proc.stderr is not None
+        trying = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert b"Connect call failed" in trying
+    finally:
+        code = await _stop(proc)
+    assert code == 0
