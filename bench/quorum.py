@@ -79,9 +79,6 @@ async def start_fleet(url: str) -> Fleet:
                             signer=signers[name], verifier=Verifier(keys=keys),
                             voters=frozenset(PERSONAS), assess=approve)
         await protocol.subscribe()
-        # The server must hold every subscription before the first proposal, or a
-        # voter misses it and the proposal expires.
-        await connection.nc.flush()
         fleet.protocols.append(protocol)
     problems = await ensure(fleet.connections[0].js, Settings())
     if problems:

@@ -42,6 +42,7 @@ class Connection:
         self._backoff_max = backoff_max
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._closing = False
         self.on_connected: list[Callable[[], Awaitable[None]]] = []
 
     @property
@@ -100,7 +101,8 @@ class Connection:
         log.warning("bus error", error=str(exc) or type(exc).__name__)
 
     async def _disconnected(self) -> None:
-        log.warning("bus disconnected; destructive actions are refused until it returns")
+        if not self._closing:
+            log.warning("bus disconnected; destructive actions are refused until it returns")
 
     async def _reconnected(self) -> None:
         log.info("bus reconnected")
@@ -147,6 +149,7 @@ class Connection:
 
     async def close(self) -> None:
         """Drain (deliver what is in flight), but never hold up a stopping agent for long."""
+        self._closing = True
         if self._nc is not None and not self._nc.is_closed:
             try:
                 async with asyncio.timeout(CLOSE_GRACE):

@@ -28,6 +28,7 @@ from bus.jetstream import AUDIT_STREAM, Settings
 from bus.subjects import PERSONA_NAME
 from runtime import __version__, agent, auditing, logs, operating, permissions, watching
 from runtime.config import DEFAULT_FLEET, Fleet, Persona
+from runtime.coordinating import Roster
 from runtime.loading import ConfigError, ConfigInvalidError, ConfigSet, config_paths, load
 
 CONFIG_ENV = "ZETA_CONFIG_DIR"
@@ -184,7 +185,8 @@ def _version(_args: argparse.Namespace) -> int:
 
 
 def _bus_urls(args: argparse.Namespace, config: ConfigSet) -> list[str]:
-    return list(args.bus or config.fleet.spec.bus.urls)
+    """--bus, else $ZETA_NATS_URL, else fleet.yaml: the same order as the agents use."""
+    return list(args.bus or agent.bus_urls(config))
 
 
 def _seed(path: Path | None) -> bytes | None:
@@ -202,7 +204,7 @@ def _watch(args: argparse.Namespace) -> int:
     logs.configure(level="warning", stream=sys.stderr)
     connection = Connection(_bus_urls(args, config), name="zeta-agent watch",
                             seed=_seed(args.seed))
-    view = watching.View(watching.Roster.of(config))
+    view = watching.View(Roster.of(config))
     asyncio.run(watching.watch(connection, view, sys.stdout, as_json=args.json,
                                summary_every=args.summary_every or None, ready=sys.stderr))
     return 0
@@ -236,7 +238,7 @@ def _audit(args: argparse.Namespace) -> int:
     logs.configure(level="error", stream=sys.stderr)
     urls = _bus_urls(args, config)
     stored = asyncio.run(_read_audit(urls, _seed(args.seed), args.repair, args.timeout))
-    roster = watching.Roster.of(config)
+    roster = Roster.of(config)
     if args.repair and not stored:
         raise UserError(f"no messages of repair {args.repair} in {AUDIT_STREAM}", code=1)
     if args.check == "verify":

@@ -22,7 +22,8 @@ import hashlib
 import json
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -76,6 +77,26 @@ def voters_of(config: ConfigSet) -> frozenset[str]:
                      if "vote" in p.value.spec.duties)
 
 
+@dataclass(frozen=True)
+class Roster:
+    """Who is who on the bus, from configuration only: persona and operator keys, voters."""
+
+    keys: Mapping[str, str]
+    operators: Mapping[str, str]
+    voters: frozenset[str]
+    freshness: timedelta = timedelta(seconds=30)
+
+    @classmethod
+    def of(cls, config: ConfigSet) -> Roster:
+        return cls(keys={name: p.value.spec.identity.nkey for name, p in config.personas.items()},
+                   operators={o.name: o.nkey for o in config.fleet.spec.operators},
+                   voters=voters_of(config), freshness=config.fleet.spec.bus.freshness)
+
+    def verifier(self) -> Verifier:
+        """A live verifier: freshness and replay apply, as in an agent."""
+        return Verifier(keys=self.keys, operators=self.operators, freshness=self.freshness)
+
+
 class Coordinator:
     def __init__(self, *, persona: Persona, config: ConfigSet, signer: Signer, host: str,
                  connection: Connection, engine: PolicyEngine, journal: Journal,
@@ -90,14 +111,12 @@ class Coordinator:
         bus = config.fleet.spec.bus
         self._settings = Settings(replicas=bus.auditReplicas, max_age=bus.auditMaxAge,
                                   lease_ttl=bus.leaseTtl)
-        self.verifier = Verifier(
-            keys={p.value.name: p.value.spec.identity.nkey for p in config.personas.values()},
-            operators={o.name: o.nkey for o in config.fleet.spec.operators},
-            freshness=bus.freshness)
+        roster = Roster.of(config)
+        self.verifier = roster.verifier()
         duties = persona.spec.duties
         self.protocol = Protocol(
             connection, persona=persona.name, host=host, signer=signer, verifier=self.verifier,
-            voters=voters_of(config), assess=self.assess if "vote" in duties else None,
+            voters=roster.voters, assess=self.assess if "vote" in duties else None,
             on_control=self._on_control)
         # Set by the agent once it has built its Observing (which includes this
         # coordinator's own peers and leases observers).

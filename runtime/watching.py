@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -29,31 +28,10 @@ from bus.connection import Connection
 from bus.envelope import Accepted, Dropped, Envelope, Verifier, format_time
 from bus.messages import Control, Decision, Finding, Heartbeat, Proposal, Result, Started, Vote
 from bus.quorum import Ballot, Rule, tally
-from runtime.coordinating import voters_of
-from runtime.loading import ConfigSet
+from runtime.coordinating import Roster
 
 SUBJECT = "zeta.>"
 FORGET_AFTER = timedelta(minutes=5)
-
-
-@dataclass(frozen=True)
-class Roster:
-    """Who is who on the bus, from configuration only: persona and operator keys, voters."""
-
-    keys: Mapping[str, str]
-    operators: Mapping[str, str]
-    voters: frozenset[str]
-    freshness: timedelta = timedelta(seconds=30)
-
-    @classmethod
-    def of(cls, config: ConfigSet) -> Roster:
-        return cls(keys={name: p.value.spec.identity.nkey for name, p in config.personas.items()},
-                   operators={o.name: o.nkey for o in config.fleet.spec.operators},
-                   voters=voters_of(config), freshness=config.fleet.spec.bus.freshness)
-
-    def verifier(self) -> Verifier:
-        """A live verifier: freshness and replay apply, as in an agent."""
-        return Verifier(keys=self.keys, operators=self.operators, freshness=self.freshness)
 
 
 def _clock(at: datetime) -> str:

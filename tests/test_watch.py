@@ -21,8 +21,9 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import BODIES, Heartbeat, Vote
 from runtime import tools
 from runtime.cli import load_config_dir
+from runtime.coordinating import Roster
 from runtime.natsserver import NatsServer
-from runtime.watching import FORGET_AFTER, Roster, View, describe, json_line
+from runtime.watching import FORGET_AFTER, View, describe, json_line
 from tests.conftest import REPO
 from tests.keyed import OPERATOR, keyed_config
 
