@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel
 
 from bus import ids, subjects
-from bus.connection import Connection, subject_for
+from bus.connection import BusUnavailableError, Connection, subject_for
 from bus.envelope import Accepted, Dropped, Envelope, Verifier, seal
 from bus.keys import Signer
 from bus.messages import Control, Decision, Kind, Proposal, Verdict, Vote
@@ -168,7 +168,14 @@ class Protocol:
         body = Vote(verdict=judgement.verdict, reason=judgement.reason,
                     evidence=dict(judgement.evidence), observed_at=datetime.now(UTC),
                     policy_digest=proposal.policy_digest)
-        await self.send("vote", body, repair=repair)
+        try:
+            await self.send("vote", body, repair=repair)
+        except BusUnavailableError as exc:
+            # Nobody awaits this task: say so here. Without the vote the proposal
+            # expires or is decided by the others, which is the safe outcome.
+            log.warning("vote not published", repair=repair, verdict=judgement.verdict,
+                        error=str(exc))
+            return
         log.info("voted", repair=repair, verdict=judgement.verdict, reason=judgement.reason)
 
     # ------------------------------------------------------------ operator

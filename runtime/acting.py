@@ -7,7 +7,7 @@ them): an action without one is refused, saying so, rather than reported as done
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,11 +25,25 @@ class Outcome:
     detail: str = ""
 
 
+Fence = Callable[[], Awaitable[bool]]
+"""Answers, right before a mutating call, whether this executor still holds the target's
+lease (its fencing token is still current). An actuator calls it before every change,
+so a stale executor (its lease expired and was re-taken) stops instead of acting."""
+
+
+async def unfenced() -> bool:
+    """The fence of a repair that needed no lease (non-destructive, no quorum)."""
+    return True
+
+
 class Actuator(Protocol):
     """Carries out one kind of catalog action."""
 
-    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
-        """Run ``intent``; with ``dry_run`` do everything but the change itself."""
+    async def run(self, intent: Intent, *, dry_run: bool, fence: Fence) -> Outcome:
+        """Run ``intent``; with ``dry_run`` do everything but the change itself.
+
+        Call ``fence()`` before each mutating call and stop, failing, if it says no.
+        """
         ...
 
 
@@ -66,17 +80,17 @@ class Actuators:
 class DryRunOnly:
     """Stands in for a missing actuator on a dry-run intent; refuses to do anything real."""
 
-    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
+    async def run(self, intent: Intent, *, dry_run: bool, fence: Fence) -> Outcome:
         if not dry_run:
             return Outcome(ok=False, detail=f"no actuator for {intent.action.name}")
         return Outcome(ok=True, detail=f"dry-run: {intent.action.name} on {intent.target.key} "
                                        "would run now; nothing was called")
 
 
-async def run_actuator(actuator: Actuator, intent: Intent) -> Outcome:
+async def run_actuator(actuator: Actuator, intent: Intent, fence: Fence = unfenced) -> Outcome:
     """Run an authorized intent; an actuator that raises has failed, the agent carries on."""
     try:
-        return await actuator.run(intent, dry_run=intent.dry_run)
+        return await actuator.run(intent, dry_run=intent.dry_run, fence=fence)
     except Exception as exc:
         structlog.get_logger().exception("actuator raised", intent=intent.id)
         return Outcome(ok=False, detail=f"{type(exc).__name__}: {exc}")

@@ -43,7 +43,7 @@ from bus.keys import Signer
 from bus.messages import Control, Finding, Heartbeat, Proposal, QuorumRule, Result, Started
 from bus.protocol import Judgement, Protocol
 from runtime import __version__, scopes
-from runtime.acting import Actuator, Outcome, run_actuator
+from runtime.acting import Actuator, Fence, Outcome, run_actuator
 from runtime.catalog import lookup
 from runtime.config import Persona, RepairPolicy
 from runtime.detecting import APISERVER, detect
@@ -370,8 +370,16 @@ class Coordinator:
             executor=self.persona.name, lease=leases.kv_key(lease.target),
             fencing_token=lease.token), repair=repair)
         self.engine.started(intent.id, datetime.now(UTC))
-        if await leases.still_held(self.kv, lease):
-            outcome = await run_actuator(actuator, intent)
+        kv = self.kv
+
+        async def fence() -> bool:
+            held = await leases.still_held(kv, lease)
+            if not held:
+                log.error("fencing token is stale: not acting", fencing_token=lease.token)
+            return held
+
+        if await fence():
+            outcome = await run_actuator(actuator, intent, fence)
         else:
             outcome = Outcome(False, f"fencing token {lease.token} is stale: the lease moved on")
         self.engine.finished(intent.id, datetime.now(UTC), ok=outcome.ok, detail=outcome.detail)
@@ -576,7 +584,7 @@ class LeaseReleaser:
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
 
-    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
+    async def run(self, intent: Intent, *, dry_run: bool, fence: Fence) -> Outcome:
         kv = self._coordinator.kv
         if kv is None or not self._coordinator.connected:
             return Outcome(False, "the lease bucket is not reachable")
@@ -590,6 +598,8 @@ class LeaseReleaser:
         what = f"lease on {intent.target.name} (repair {lease.repair} by {lease.executor})"
         if dry_run:
             return Outcome(True, f"dry-run: would release the {what}")
+        if not await fence():
+            return Outcome(False, "our own lease on this target moved on: not acting")
         if await leases.release(kv, lease):
             return Outcome(True, f"released the {what}")
         return Outcome(False, f"the {what} changed before it could be released")

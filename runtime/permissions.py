@@ -102,9 +102,9 @@ def operator_publish_allow() -> list[str]:
 
 
 def watcher_publish_allow() -> list[str]:
-    """Watchers only read. ``nats sub`` needs nothing; ``nats stream ls/info/view/get`` and
-    ``nats kv ls/history`` need the read requests, and the CLI deletes the temporary
-    consumer it read through (which destroys no message)."""
+    """Watchers only read: ``nats sub`` needs nothing; ``nats stream ls/info/view/get``,
+    ``nats kv ls/history`` and ``zeta-agent audit`` need the read requests, and the CLI
+    deletes the temporary consumer it read through (which destroys no message)."""
     return _unique([["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST"],
                     _read(AUDIT_STREAM), _read(LEASES_STREAM),
                     [f"$JS.API.CONSUMER.DELETE.{AUDIT_STREAM}.*",
@@ -118,9 +118,10 @@ class DuplicateKeyError(ValueError):
 def _check_unique_keys(users: Sequence[tuple[str, str]]) -> None:
     seen: dict[str, str] = {}
     for who, key in users:
-        if (first := seen.setdefault(key, who)) != who:
-            raise DuplicateKeyError(f"{who} has the same nkey as {first} ({key[:8]}…): "
+        if key in seen:
+            raise DuplicateKeyError(f"{who} has the same nkey as {seen[key]} ({key[:8]}…): "
                                     "every persona, operator and watcher needs its own key")
+        seen[key] = who
 
 
 def _user(comment: str, key: str, publish: Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bus.messages import Target
-from runtime.acting import Outcome
+from runtime.acting import Fence, Outcome
 from runtime.catalog import REPAIR_ANNOTATION
 from runtime.config import Persona, RepairPolicy
 from runtime.engine import Intent
@@ -120,9 +120,11 @@ class RecordingActuator:
     def __init__(self, outcome: Outcome | None = None) -> None:
         self.outcome = outcome
         self.runs: list[tuple[str, bool]] = []
+        self.fences: list[bool] = []  # what the fence said when the action ran
 
-    async def run(self, intent: Intent, *, dry_run: bool) -> Outcome:
+    async def run(self, intent: Intent, *, dry_run: bool, fence: Fence) -> Outcome:
         self.runs.append((intent.id, dry_run))
+        self.fences.append(await fence())
         if self.outcome is None:
             raise RuntimeError("actuator exploded")
         return self.outcome

@@ -135,6 +135,7 @@ async def test_five_agents_approve_and_otto_executes_once_with_a_fencing_token(
     [(intent_id, dry_run)] = fleet.actuator.runs
     assert intent_id.startswith("apiserver-unreachable:")
     assert dry_run is False
+    assert fleet.actuator.fences == [True], "the executor must hold the lease while acting"
     audit = await _audit(fleet.server)
     kinds = [m["kind"] for m in audit]
     assert kinds[0] == "proposal"
