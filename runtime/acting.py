@@ -39,10 +39,11 @@ async def unfenced() -> bool:
 class Actuator(Protocol):
     """Carries out one kind of catalog action."""
 
-    async def run(self, intent: Intent, *, dry_run: bool, fence: Fence) -> Outcome:
-        """Run ``intent``; with ``dry_run`` do everything but the change itself.
+    async def run(self, intent: Intent, *, repair: str, dry_run: bool, fence: Fence) -> Outcome:
+        """Run ``intent`` as part of ``repair`` (its id on the bus and in the audit).
 
-        Call ``fence()`` before each mutating call and stop, failing, if it says no.
+        With ``dry_run`` do everything but the change itself. Call ``fence()`` before
+        each mutating call and stop, failing, if it says no.
         """
         ...
 
@@ -80,17 +81,18 @@ class Actuators:
 class DryRunOnly:
     """Stands in for a missing actuator on a dry-run intent; refuses to do anything real."""
 
-    async def run(self, intent: Intent, *, dry_run: bool, fence: Fence) -> Outcome:
+    async def run(self, intent: Intent, *, repair: str, dry_run: bool, fence: Fence) -> Outcome:
         if not dry_run:
             return Outcome(ok=False, detail=f"no actuator for {intent.action.name}")
         return Outcome(ok=True, detail=f"dry-run: {intent.action.name} on {intent.target.key} "
                                        "would run now; nothing was called")
 
 
-async def run_actuator(actuator: Actuator, intent: Intent, fence: Fence = unfenced) -> Outcome:
+async def run_actuator(actuator: Actuator, intent: Intent, repair: str,
+                       fence: Fence = unfenced) -> Outcome:
     """Run an authorized intent; an actuator that raises has failed, the agent carries on."""
     try:
-        return await actuator.run(intent, dry_run=intent.dry_run, fence=fence)
+        return await actuator.run(intent, repair=repair, dry_run=intent.dry_run, fence=fence)
     except Exception as exc:
         structlog.get_logger().exception("actuator raised", intent=intent.id)
         return Outcome(ok=False, detail=f"{type(exc).__name__}: {exc}")

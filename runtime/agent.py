@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 
 from bus.connection import Connection
+from bus.ids import new_id
 from bus.journal import Journal
 from runtime import __version__
 from runtime.acting import Actuator, Actuators, DryRunOnly, NoActuatorError, run_actuator
@@ -323,7 +324,8 @@ class Agent:
         if self.coordinator is not None:
             outcome = await self.coordinator.act_alone(intent, actuator)
         else:
-            outcome = await run_actuator(actuator, intent)
+            # No bus: the repair id exists only in this agent's log.
+            outcome = await run_actuator(actuator, intent, new_id())
         self.engine.finished(intent.id, self._wall(), ok=outcome.ok, detail=outcome.detail)
         if not outcome.ok:
             report.failed += 1

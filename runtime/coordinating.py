@@ -292,7 +292,7 @@ class Coordinator:
     async def act_alone(self, intent: Intent, actuator: Actuator) -> Outcome:
         """A repair that needs no quorum: run it and record the result (bus or journal)."""
         repair = new_id()
-        outcome = await run_actuator(actuator, intent)
+        outcome = await run_actuator(actuator, intent, repair)
         self._repairs[intent.id] = (repair, None)
         await self.record(intent, repair, "succeeded" if outcome.ok else "failed",
                           outcome.detail)
@@ -379,7 +379,7 @@ class Coordinator:
             return held
 
         if await fence():
-            outcome = await run_actuator(actuator, intent, fence)
+            outcome = await run_actuator(actuator, intent, repair, fence)
         else:
             outcome = Outcome(False, f"fencing token {lease.token} is stale: the lease moved on")
         self.engine.finished(intent.id, datetime.now(UTC), ok=outcome.ok, detail=outcome.detail)
@@ -584,7 +584,8 @@ class LeaseReleaser:
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
 
-    async def run(self, intent: Intent, *, dry_run: bool, fence: Fence) -> Outcome:
+    async def run(self, intent: Intent, *, repair: str, dry_run: bool,
+                  fence: Fence) -> Outcome:
         kv = self._coordinator.kv
         if kv is None or not self._coordinator.connected:
             return Outcome(False, "the lease bucket is not reachable")

@@ -122,7 +122,7 @@ class RecordingActuator:
         self.runs: list[tuple[str, bool]] = []
         self.fences: list[bool] = []  # what the fence said when the action ran
 
-    async def run(self, intent: Intent, *, dry_run: bool, fence: Fence) -> Outcome:
+    async def run(self, intent: Intent, *, repair: str, dry_run: bool, fence: Fence) -> Outcome:
         self.runs.append((intent.id, dry_run))
         self.fences.append(await fence())
         if self.outcome is None:
