@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import subprocess
@@ -39,6 +40,8 @@ from runtime.natsserver import NatsServer, binary
 
 PERSONAS = ("otto", "alexa", "riven", "vera", "lior")
 WARMUP = 20
+P99_TARGET = 0.050  # seconds, proposal to decision (issue 3)
+RATE_TARGET = 200  # decisions per second
 DEADLINE = timedelta(seconds=10)  # far beyond any round trip: an expiry here is a failure
 
 
@@ -86,20 +89,6 @@ async def start_fleet(url: str) -> Fleet:
     return fleet
 
 
-class Counter:
-    """Hands out proposal numbers to concurrent proposers."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.next = 0
-
-    def take(self) -> int | None:
-        if self.next >= self.total:
-            return None
-        self.next += 1
-        return self.next - 1
-
-
 @dataclass
 class Run:
     latencies: list[float]  # seconds, one per proposal
@@ -109,12 +98,12 @@ class Run:
 
 async def run(protocols: Sequence[Protocol], proposals: int, concurrency: int) -> Run:
     """``proposals`` proposals by ``concurrency`` proposers at once, rotating personas."""
-    counter = Counter(proposals)
+    numbers = iter(range(proposals))  # shared: each proposer takes the next number
     latencies: list[float] = []
     failures: list[str] = []
 
     async def proposer() -> None:
-        while (number := counter.take()) is not None:
+        for number in numbers:
             protocol = protocols[number % len(protocols)]
             started = time.perf_counter()
             repair, result = await protocol.propose(proposal(number))
@@ -129,8 +118,8 @@ async def run(protocols: Sequence[Protocol], proposals: int, concurrency: int) -
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile: a value that was actually measured."""
-    rank = max(1, round(fraction * len(sorted_values) + 0.5 - 1e-9))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
+    rank = math.ceil(fraction * len(sorted_values) - 1e-9)  # 0.07 * 100 is 7.000000000000001
+    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
 
 
 def latency_line(values: Sequence[float]) -> str:
@@ -166,9 +155,12 @@ async def bench(proposals: int, concurrency: int) -> int:
             await fleet.close()
     for line in machine():
         print(line)
-    print(f"sequential, {proposals} proposals: {latency_line(sequential.latencies)}")
-    print(f"concurrency {concurrency}, {proposals} proposals: "
-          f"{proposals / parallel.elapsed:.0f} decisions/s "
+    p99 = percentile(sorted(sequential.latencies), 0.99)
+    rate = proposals / parallel.elapsed
+    print(f"sequential, {proposals} proposals: {latency_line(sequential.latencies)} "
+          f"[p99 target {P99_TARGET * 1000:g} ms: {'met' if p99 <= P99_TARGET else 'MISSED'}]")
+    print(f"concurrency {concurrency}, {proposals} proposals: {rate:.0f} decisions/s "
+          f"[target {RATE_TARGET}/s: {'met' if rate >= RATE_TARGET else 'MISSED'}] "
           f"(latency {latency_line(parallel.latencies)})")
     failures = sequential.failures + parallel.failures
     for failure in failures[:10]:

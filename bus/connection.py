@@ -26,7 +26,7 @@ log = structlog.get_logger("bus")
 
 AUDITED_PREFIXES = ("zeta.repair.", "zeta.control.")
 CLOSE_GRACE = 2.0  # seconds; systemd's stop timeout is for the whole agent, not the drain
-SYNC_TIMEOUT = 5.0  # seconds for a round trip to the server before it counts as unavailable
+SYNC_TIMEOUT = 5  # seconds for a round trip to the server before it counts as unavailable
 
 
 class BusUnavailableError(ConnectionError):
@@ -130,20 +130,16 @@ class Connection:
     async def sync(self) -> None:
         """Return once the server has processed everything sent so far on this connection.
 
-        ``flush()`` does not promise that: nats-py 2.16 writes its PING straight to the
-        socket while earlier SUB and PUB commands wait for its flusher task, so the PONG
-        can come back before a subscription exists. A message to ourselves is queued
-        behind them, and the server handles one connection's commands in order.
+        One ``flush()`` does not promise that: nats-py 2.16 writes its PING straight to
+        the socket while earlier SUB and PUB commands wait for its flusher task, so the
+        PONG can come back before a subscription exists. The first flush wakes the
+        flusher, which writes them out before that PONG can be read; the second PING
+        then travels behind them. (A message to ourselves would also prove it, but the
+        rendered permissions rightly let a persona publish nowhere it could receive.)
         """
-        nc = self.nc
-        inbox = nc.new_inbox()
         try:
-            probe = await nc.subscribe(inbox)
-            try:
-                await nc.publish(inbox, b"")
-                await probe.next_msg(timeout=SYNC_TIMEOUT)
-            finally:
-                await probe.unsubscribe()
+            for _ in range(2):
+                await self.nc.flush(timeout=SYNC_TIMEOUT)
         except (NatsError, OSError, TimeoutError) as exc:
             raise BusUnavailableError(f"bus round trip failed: {exc}") from exc
 

@@ -35,9 +35,11 @@ from bus.journal import Journal
 from runtime import __version__
 from runtime.acting import Actuator, Actuators, DryRunOnly, NoActuatorError, run_actuator
 from runtime.authorizing import authorize
+from runtime.cluster.acting import ClientApi, KubeconfigError, kubernetes_actuators
+from runtime.cluster.observing import kubernetes_observer
 from runtime.config import Persona
 from runtime.coordinating import Coordinator, LeaseReleaser
-from runtime.credentials import CredentialError, load_signer
+from runtime.credentials import CredentialError, credential_path, load_signer
 from runtime.engine import (
     BreakerReset,
     BreakerTripped,
@@ -388,7 +390,11 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
     engine = PolicyEngine(policies, default_quorum=config.fleet.spec.quorum)
     notifier = Notifier.from_env(environ)
     structlog.contextvars.bind_contextvars(persona=persona.name)
-    observers = host_observers(policies, config.fleet, state_dir)
+    kubeconfig = credential_path("kubeconfig", persona.name, config.fleet, environ)
+    kubernetes = kubernetes_observer(kubeconfig, stale_after=2 * timing.tick)
+    clients = [kubernetes] if kubernetes is not None else []
+    observers = host_observers(policies, config.fleet, state_dir, clients=clients)
+    observers += clients
     coordinator = None
     try:
         signer = load_signer(persona, config.fleet, environ)
@@ -405,6 +411,12 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
         observers += coordinator.observers()
     observing = Observing(observers, timeout=timing.observe_timeout, host=host)
     available: dict[str, Actuator] = {}
+    kubeconfig = credential_path("kubeconfig", persona.name, config.fleet, environ)
+    if kubeconfig.exists():
+        try:
+            available.update(kubernetes_actuators(ClientApi.from_kubeconfig(kubeconfig), persona))
+        except KubeconfigError as exc:
+            log.error("Kubernetes actuators disabled", error=str(exc))
     if coordinator is not None:
         coordinator.observing = observing
         available["bus.lease.release"] = LeaseReleaser(coordinator)
@@ -415,6 +427,8 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
              bus=list(bus_urls(config, environ)) if coordinator else "disabled",
              observers=[o.name for o in observing.observers],
              not_observed=list(observing.unobserved),
+             kubernetes=kubernetes.url if kubernetes is not None else
+             f"not observed: no usable kubeconfig at {kubeconfig}",
              actuators=sorted(registry.names) or "none: every intent that would act is refused")
     return Agent(persona, engine=engine, observing=observing, actuators=registry,
                  notifier=notifier, timing=timing, coordinator=coordinator)

@@ -27,8 +27,10 @@ from bus.envelope import format_time
 from bus.jetstream import AUDIT_STREAM, Settings
 from bus.subjects import PERSONA_NAME
 from runtime import __version__, agent, auditing, logs, operating, permissions, watching
+from runtime.cluster import rbac
 from runtime.config import DEFAULT_FLEET, Fleet, Persona
 from runtime.coordinating import Roster
+from runtime.credentials import seed_file
 from runtime.loading import ConfigError, ConfigInvalidError, ConfigSet, config_paths, load
 
 CONFIG_ENV = "ZETA_CONFIG_DIR"
@@ -300,7 +302,7 @@ def _keygen(args: argparse.Namespace) -> int:
     except operating.OperatingError as exc:
         raise UserError(str(exc)) from None
     # The key alone on stdout, so `KEY=$(zeta-agent keygen …)` works; the rest is for people.
-    print(f"wrote {operating.seed_path(credentials, name)} (mode 0600)", file=sys.stderr)
+    print(f"wrote {seed_file(credentials, name)} (mode 0600)", file=sys.stderr)
     if persona is not None:
         print(f"set spec.identity.nkey in {persona}", file=sys.stderr)
     print(key)
@@ -332,6 +334,16 @@ def _render_nats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_rbac(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    if args.all:
+        print(rbac.render_all(p.value for p in config.personas.values()), end="")
+    else:
+        print(rbac.render_rbac(_persona(config, args.persona, directory)), end="")
+    return 0
+
+
 def _control(args: argparse.Namespace) -> int:
     directory = config_dir(args.config_dir)
     config = load_config_dir(directory)
@@ -340,13 +352,13 @@ def _control(args: argparse.Namespace) -> int:
         known = ", ".join(sorted(config.policies)) or "none"
         raise UserError(f"no policy {policy!r} in {directory / 'policies'}; known: {known}")
     fleet = config.fleet.spec
-    seed_file = args.seed or operating.seed_path(Path(fleet.credentialsDir), args.operator)
-    seed = _seed(seed_file) or b""
+    seed_path = args.seed or seed_file(Path(fleet.credentialsDir), args.operator)
+    seed = _seed(seed_path) or b""
     urls = _bus_urls(args, config)
     # Bus reconnect warnings go to stderr: stdout says what was sent.
     logs.configure(level="warning", stream=sys.stderr)
     try:
-        signer = operating.operator_signer(config.fleet, args.operator, seed, seed_file)
+        signer = operating.operator_signer(config.fleet, args.operator, seed, seed_path)
         envelope = operating.control(args.verb, operator=args.operator, signer=signer,
                                      reason=args.reason, policy=policy,
                                      host=socket.gethostname())
@@ -403,6 +415,17 @@ def _render_nats_parser(targets: Commands) -> None:
     nats.set_defaults(handler=_render_nats)
 
 
+def _render_rbac_parser(targets: Commands) -> None:
+    command = targets.add_parser(
+        "rbac", help="Kubernetes ClusterRole and ClusterRoleBinding for a persona's user, "
+                     "with exactly the verbs its scopes need")
+    which = command.add_mutually_exclusive_group(required=True)
+    which.add_argument("persona", nargs="?", help="the persona's name, e.g. otto")
+    which.add_argument("--all", action="store_true", help="every persona, one after another")
+    _config_dir_option(command)
+    command.set_defaults(handler=_render_rbac)
+
+
 def _keygen_parser(commands: Commands) -> None:
     keygen = commands.add_parser(
         "keygen", help="write a new nkey seed for a persona, operator or watcher",
@@ -442,7 +465,8 @@ def _control_parsers(commands: Commands) -> None:
                                   "(default: <credentialsDir>/NAME/nkey.seed)")
         _config_dir_option(command)
         command.add_argument("--bus", action="append", metavar="URL",
-                             help="NATS URL, repeatable (default: the fleet's bus.urls)")
+                             help="NATS URL, repeatable (default: $ZETA_NATS_URL, else the "
+                                  "fleet's bus.urls)")
         command.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                              help="give up reaching the bus after this long (default: 5)")
         command.set_defaults(handler=_control, verb=verb)
@@ -488,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_dir_option(sysusers)
     sysusers.set_defaults(handler=_render_sysusers)
     _render_nats_parser(targets)
+    _render_rbac_parser(targets)
 
     watch = commands.add_parser(
         "watch", help="a live view of the bus: presence, proposals, votes, decisions, results",

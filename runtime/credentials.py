@@ -22,6 +22,11 @@ class CredentialError(Exception):
     """A secret is missing or does not belong to the persona."""
 
 
+def seed_file(credentials_dir: Path, owner: str) -> Path:
+    """``<credentials dir>/<owner>/nkey.seed``: written by keygen, read outside systemd."""
+    return credentials_dir / owner / SEED_FILE
+
+
 def credential_path(name: str, persona: str, fleet: Fleet,
                     environ: Mapping[str, str] = os.environ) -> Path:
     """The file a credential is read from, by the documented order."""
@@ -56,9 +61,8 @@ def write_seed(credentials_dir: Path, name: str, *, force: bool = False) -> str:
 
     Refuses to replace an existing seed unless ``force``: a lost seed is a lost identity.
     """
-    directory = credentials_dir / name
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / SEED_FILE
+    path = seed_file(credentials_dir, name)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     seed = generate_user_seed()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
     try:

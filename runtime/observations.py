@@ -32,6 +32,9 @@ class NodeObs(Obs):
     annotations: dict[str, str] = Field(default_factory=dict)
     unschedulable: bool = False
     conditions: tuple[NodeCondition, ...] = ()
+    heartbeat: datetime | None = Field(
+        default=None, description="When the kubelet last renewed the node's Lease in "
+                                  "kube-node-lease: evidence of a live kubelet, or of its silence.")
 
     def condition(self, kind: str) -> NodeCondition | None:
         return next((c for c in self.conditions if c.type == kind), None)

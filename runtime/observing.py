@@ -323,25 +323,40 @@ def _describe(exc: BaseException, timeout: float) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+class ProbeSource(Protocol):
+    """A client that reaches the API server along a path of its own (the Kubernetes watches)."""
+
+    async def probes(self) -> tuple[ApiProbe, ...]:
+        """How its requests fare right now (the client reports as it goes)."""
+        ...
+
+
 class ApiserverObserver:
     """Probes every API server URL along two paths: a TCP connect and ``GET /readyz``.
 
     Any HTTP response to /readyz (200, 401, 403, 500) counts as reachable: the
     process answered. Each probe is one ``ApiProbe``, the evidence the
-    apiserver-unreachable detector counts paths from.
+    apiserver-unreachable detector counts paths from. ``clients`` add the paths of
+    observers that talk to the API server themselves: only one observer may own the
+    domain, so their evidence comes through this one.
     """
 
     name = "apiserver"
     provides: frozenset[Domain] = frozenset({"apiserver"})
 
-    def __init__(self, urls: Sequence[str], *, timeout: float = 2.0) -> None:
+    def __init__(self, urls: Sequence[str], *, timeout: float = 2.0,
+                 clients: Sequence[ProbeSource] = ()) -> None:
         self.urls = tuple(urls)
         self.timeout = timeout
+        self.clients = tuple(clients)
         self._tls = _liveness_tls()
 
     async def observe(self, now: datetime) -> Observed:
-        probes = await asyncio.gather(*(
-            probe for url in self.urls for probe in (self._tcp(url), self._readyz(url))))
+        network, clients = await asyncio.gather(
+            asyncio.gather(*(probe for url in self.urls
+                             for probe in (self._tcp(url), self._readyz(url)))),
+            asyncio.gather(*(client.probes() for client in self.clients)))
+        probes = [*network, *(probe for paths in clients for probe in paths)]
         reachable = sum(p.ok for p in probes)
         return Observed({"apiserver": tuple(probes)}, SourceStatus(
             ok=True, detail=f"{reachable} of {len(probes)} paths reachable"))
@@ -404,12 +419,15 @@ class ApiserverObserver:
         return ApiProbe(path=path, ok=True)
 
 
-def host_observers(policies: Iterable[RepairPolicy], fleet: Fleet,
-                   state_dir: Path) -> list[Observer]:
-    """What an agent can see from its own host, before any bus or Kubernetes observer."""
+def host_observers(policies: Iterable[RepairPolicy], fleet: Fleet, state_dir: Path, *,
+                   clients: Sequence[ProbeSource] = ()) -> list[Observer]:
+    """What an agent can see from its own host, before any bus or Kubernetes observer.
+
+    ``clients`` (the Kubernetes observer) add their own paths to the API server probes.
+    """
     observers: list[Observer] = [HealthObserver(state_dir)]
     if units := watched_units(policies):
         observers.append(UnitObserver(units))
-    if fleet.spec.apiservers:
-        observers.append(ApiserverObserver(fleet.spec.apiservers))
+    if fleet.spec.apiservers or clients:
+        observers.append(ApiserverObserver(fleet.spec.apiservers, clients=clients))
     return observers

@@ -33,7 +33,7 @@ from bus.jetstream import Settings, ensure
 from bus.keys import Signer
 from bus.messages import Control
 from runtime.config import Fleet
-from runtime.credentials import SEED_FILE, CredentialError, write_seed
+from runtime.credentials import CredentialError, write_seed
 
 # `nkey:` and the scalar after it: quoted, or plain up to a space, a comment or the
 # end of a flow mapping (possibly empty, for a file waiting for its first key).
@@ -142,11 +142,6 @@ def _replace_file(path: Path, text: str) -> None:
 # ---------------------------------------------------------------- controls
 
 
-def seed_path(credentials_dir: Path, name: str) -> Path:
-    """``<credentialsDir>/<name>/nkey.seed``: the layout ``keygen`` writes and agents read."""
-    return credentials_dir / name / SEED_FILE
-
-
 def operator_signer(fleet: Fleet, operator: str, seed: bytes, source: Path) -> Signer:
     """The operator's signing key, refused unless fleet.yaml lists it for ``operator``.
 
@@ -201,8 +196,8 @@ async def send(envelope: Envelope, *, urls: Sequence[str], seed: bytes, settings
     is stored all the same: a freeze must not wait for a settings dispute).
     """
     connection = Connection(urls, name=f"zeta-agent control ({envelope.sender})", seed=seed)
-    await connect_within(connection, within, urls)
     try:
+        await connect_within(connection, within, urls)
         async with asyncio.timeout(within):
             problems = await ensure(connection.js, settings)
             await connection.publish(subject_for(envelope), envelope)

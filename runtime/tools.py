@@ -95,7 +95,11 @@ def _stderr(line: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, progress: Progress) -> Iterator[None]:
+def build_lock(path: Path, progress: Progress) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed), saying so if we must wait.
+
+    Parallel test workers and the lab build into the same cache: one builds, the rest wait.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:  # the lock is released when the file is closed
         try:
@@ -115,19 +119,23 @@ def ensure_built(tool: GoTool, *, environ: Mapping[str, str] = os.environ,
     target = tool.path(cache_dir(environ))
     if target.exists():
         return target
-    with _locked(target.parent / ".lock", progress):
+    with build_lock(target.parent / ".lock", progress):
         if target.exists():  # built by whoever held the lock before us
             return target
         _build(tool, target, environ, progress)
     return target
 
 
-def _build(tool: GoTool, target: Path, environ: Mapping[str, str], progress: Progress) -> None:
+def find_go(environ: Mapping[str, str], building: str) -> str:
+    """The ``go`` on ``PATH``; ToolUnavailableError naming what it was ``building`` if none."""
     go = shutil.which("go", path=environ.get("PATH", ""))
     if go is None:
-        raise ToolUnavailableError(
-            f"`go` is not on PATH: it is needed once to build {tool.binary} {tool.version} "
-            f"({tool.package}) into {target.parent}")
+        raise ToolUnavailableError(f"`go` is not on PATH: it is needed once to build {building}")
+    return go
+
+
+def _build(tool: GoTool, target: Path, environ: Mapping[str, str], progress: Progress) -> None:
+    go = find_go(environ, f"{tool.binary} {tool.version} ({tool.package}) into {target.parent}")
     progress(f"building {tool.package}@{tool.version} with {go} into {target.parent} "
              f"(once per machine; about a minute)")
     started = time.monotonic()

@@ -9,10 +9,17 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, settings
 
 from runtime.natsserver import NatsServer
+from tests.k8s import control_plane, k8s_namespace, node_sim  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests share two cores with real servers and agent processes: a wall-clock
+# deadline per example would turn CPU contention into flaky failures, so none is set.
+settings.register_profile("zeta", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("zeta")
 
 
 @pytest.fixture(autouse=True)

@@ -141,13 +141,16 @@ def _server_of(connection: Connection, cluster: NatsCluster) -> NatsServer:
 async def _lead(connection: Connection, stream: str, server: str) -> None:
     """Make ``server`` the leader of ``stream`` (a step-down with a preferred successor)."""
     async def leading() -> bool | None:
-        info = await connection.js.stream_info(stream)
-        assert info.cluster is not None
-        if info.cluster.leader == server:
-            return True
         request = json.dumps({"placement": {"preferred": server}}).encode()
-        await connection.nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", request,
-                                    timeout=5)
+        try:
+            info = await connection.js.stream_info(stream)
+            assert info.cluster is not None
+            if info.cluster.leader == server:
+                return True
+            await connection.nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", request,
+                                        timeout=5)
+        except NatsError:
+            pass  # no leader for a moment: the step-down is an election
         return None
     await _eventually(leading, f"{server} leads {stream}", within=15)
 
@@ -208,6 +211,9 @@ async def test_cluster_keeps_deciding_when_a_server_dies(cluster: NatsCluster,
     outcomes: Counter[str] = Counter()
     assert await _decide(fleet.protocols[0], 0, outcomes), outcomes
 
+    for stream in (AUDIT_STREAM, LEASES_STREAM):
+        assert (await connections[0].js.stream_info(stream)).config.num_replicas == 3
+
     # The worst single failure: the server most personas use, leading both streams.
     by_server = Counter(_server_of(c, cluster).url for c in connections)
     victim = next(s for s in cluster.servers if s.url == by_server.most_common(1)[0][0])
@@ -249,12 +255,13 @@ async def test_cluster_keeps_deciding_when_a_server_dies(cluster: NatsCluster,
     assert sum(isinstance(t, leases.Lease) for t in tries) == 1
     assert sum(isinstance(t, leases.LeaseHeldError) for t in tries) == len(NAMES) - 1
 
-    victim.start()
-    cluster.wait_healthy(RECOVERY)
+    # Both block while they poll the servers: off the loop, so the clients keep going.
+    await asyncio.to_thread(victim.start)
+    await asyncio.to_thread(cluster.wait_healthy, RECOVERY)
 
     async def converged() -> dict[str, int] | None:
         info = await connections[0].js.stream_info(AUDIT_STREAM)
-        counts = _audit_counts(cluster)
+        counts = await asyncio.to_thread(_audit_counts, cluster)
         return counts if set(counts.values()) == {info.state.messages} else None
 
     counts = await _eventually(converged, "the audit stream the same on all three servers")

@@ -29,7 +29,12 @@ def contracts() -> list[dict[str, Any]]:
 
 
 def module_file(root: Path, module: str) -> Path:
+    """Where ``module`` lives under ``root``, with every package on the way created."""
     *packages, name = module.split(".")
+    for depth in range(1, len(packages) + 1):
+        package = root.joinpath(*packages[:depth])
+        package.mkdir(exist_ok=True)
+        (package / "__init__.py").touch()
     return root.joinpath(*packages, f"{name}.py") if packages else root / name / "__init__.py"
 
 

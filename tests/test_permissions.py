@@ -496,11 +496,6 @@ def _closed_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "bus.connection.Connection.sync() publishes to its own _INBOX; the rendered "
-    "permissions refuse publishing to _INBOX.> (it would let a persona answer other "
-    "clients' requests), so the agents' on-connect step fails. Needs a per-persona "
-    "inbox prefix or a sync that uses an allowed subject."))
 async def test_the_five_agents_repair_on_a_bus_that_enforces_the_rendered_permissions(
         tmp_path: Path) -> None:
     # The shipped personas with fresh keys decide and run a destructive repair (the API
