@@ -35,8 +35,9 @@ class BusUnavailableError(ConnectionError):
 
 class Connection:
     def __init__(self, urls: Sequence[str], *, name: str, seed: bytes | None,
-                 backoff_max: float = 30.0) -> None:
+                 inbox_prefix: str = "_INBOX", backoff_max: float = 30.0) -> None:
         self._urls = list(urls)
+        self._inbox_prefix = inbox_prefix
         self._name = name
         self._seed = seed
         self._backoff_max = backoff_max
@@ -71,7 +72,7 @@ class Connection:
                     self._urls, name=self._name,
                     nkeys_seed_str=self._seed.decode() if self._seed else None,
                     connect_timeout=2, reconnect_time_wait=1, max_reconnect_attempts=-1,
-                    allow_reconnect=True,
+                    allow_reconnect=True, inbox_prefix=self._inbox_prefix,
                     error_cb=self._error, disconnected_cb=self._disconnected,
                     reconnected_cb=self._reconnected, closed_cb=self._closed,
                 )

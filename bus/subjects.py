@@ -11,6 +11,15 @@ an OS user name (``zeta-<name>``, which sysusers.d caps at 31 characters), hence
 tight alphabet and the 26-character limit."""
 
 
+def inbox(persona: str) -> str:
+    """The reply-subject prefix of a persona's connection.
+
+    Each persona gets its own, so the bus can let it read only the replies meant for
+    it: with the shared ``_INBOX`` any persona could read every JetStream answer.
+    """
+    return f"_INBOX_{persona}"
+
+
 def heartbeat(persona: str) -> str:
     return f"zeta.agent.{persona}.heartbeat"
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from bus import subjects
 from bus.connection import Connection
 from bus.ids import new_id
 from bus.journal import Journal
@@ -58,6 +59,7 @@ from runtime.observing import Observing, host_observers
 
 log = structlog.get_logger()
 
+CANCEL_AGAIN = 0.2  # seconds between cancellations of a root task that has not stopped yet
 DEV_STATE_DIR = Path(".zeta-state")
 """Where state goes outside systemd (``./.zeta-state/<persona>``); under systemd
 ``StateDirectory=zeta-agent/%i`` sets ``$STATE_DIRECTORY`` instead."""
@@ -132,9 +134,14 @@ async def supervise(roots: Mapping[str, Coroutine[Any, Any, None]], stop: asynci
         error = None if task.cancelled() else task.exception()
         log.error("root task ended", task=tasks[task],
                   error=repr(error) if error else "returned or was cancelled", exc_info=error)
-    pending: set[asyncio.Task[None]] = set()
-    if leftovers := [task for task in tasks if task not in ended]:
-        _, pending = await asyncio.wait(leftovers, timeout=grace)
+    pending = {task for task in tasks if task not in ended}
+    deadline = asyncio.get_running_loop().time() + grace
+    while pending and (left := deadline - asyncio.get_running_loop().time()) > 0:
+        _, pending = await asyncio.wait(pending, timeout=min(left, CANCEL_AGAIN))
+        # Some libraries swallow a CancelledError (nats-py does while it flushes a
+        # publish); cancelling again gets such a task out instead of abandoning it.
+        for task in pending:
+            task.cancel()
     for task, name in tasks.items():
         if task not in ended and task.done() and not task.cancelled() and task.exception():
             log.error("root task failed while stopping", task=name, exc_info=task.exception())
@@ -406,7 +413,8 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
         urls = bus_urls(config, environ)
         coordinator = Coordinator(
             persona=persona, config=config, signer=signer, host=host,
-            connection=Connection(urls, name=f"zeta-agent@{persona.name}", seed=signer.seed),
+            connection=Connection(urls, name=f"zeta-agent@{persona.name}", seed=signer.seed,
+                                  inbox_prefix=subjects.inbox(persona.name)),
             engine=engine, journal=Journal(state_dir / "journal.jsonl"))
         observers += coordinator.observers()
     observing = Observing(observers, timeout=timing.observe_timeout, host=host)

@@ -28,6 +28,12 @@ LEASES_STREAM = f"KV_{LEASES_BUCKET}"
 """The stream a KV bucket is stored in; its JetStream API requests name this."""
 
 SUBSCRIBE_ALLOW: tuple[str, ...] = ("zeta.>", "_INBOX.>")
+"""What operators and watchers may subscribe to (their tools use the shared inbox)."""
+
+
+def subscribe_allow(persona: Persona) -> tuple[str, ...]:
+    """A persona reads the bus and only its own replies (bus.subjects.inbox)."""
+    return ("zeta.>", f"{subjects.inbox(persona.name)}.>")
 """Everyone may read the whole bus and receive replies (JetStream answers and
 push-consumer deliveries both arrive on the client's inboxes)."""
 
@@ -124,7 +130,8 @@ def _check_unique_keys(users: Sequence[tuple[str, str]]) -> None:
         seen[key] = who
 
 
-def _user(comment: str, key: str, publish: Sequence[str]) -> list[str]:
+def _user(comment: str, key: str, publish: Sequence[str],
+          subscribe: Sequence[str] = SUBSCRIBE_ALLOW) -> list[str]:
     def array(values: Sequence[str], indent: str) -> list[str]:
         # JSON strings: a bare `$JS…` would be read as a config variable.
         return [f"{indent}{json.dumps(v)}{',' if i < len(values) - 1 else ''}"
@@ -139,7 +146,7 @@ def _user(comment: str, key: str, publish: Sequence[str]) -> list[str]:
         *array(publish, " " * 10),
         "        ] }",
         "        subscribe: { allow: [",
-        *array(SUBSCRIBE_ALLOW, " " * 10),
+        *array(subscribe, " " * 10),
         "        ] }",
         "      }",
         "    }",
@@ -163,7 +170,7 @@ def render_nats(config: ConfigSet, *, listen: str, store_dir: str | None,
     for persona in personas:
         spec = persona.spec
         users += _user(f"persona {persona.name} ({spec.role}; duties: {', '.join(spec.duties)})",
-                       spec.identity.nkey, publish_allow(persona))
+                       spec.identity.nkey, publish_allow(persona), subscribe_allow(persona))
     for operator in fleet.operators:
         users += _user(f"operator {operator.name}", operator.nkey, operator_publish_allow())
     for watcher in fleet.watchers:

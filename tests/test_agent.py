@@ -314,6 +314,22 @@ async def test_supervise_stops_cleanly_on_request() -> None:
     assert sorted(cancelled) == ["a", "b"]
 
 
+async def test_supervise_cancels_again_a_task_that_swallowed_one_cancellation() -> None:
+    # nats-py swallows a CancelledError that lands while it flushes a publish: the
+    # agent's bus task must still stop, not be abandoned (which exits non-zero).
+    async def swallows_once() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+        await asyncio.Event().wait()  # the second cancellation ends this
+
+    stop = asyncio.Event()
+    stop.set()
+    result = await supervise({"bus": swallows_once()}, stop, grace=2)
+    assert result == Exit(0)
+
+
 async def test_supervise_abandons_a_task_that_ignores_cancellation() -> None:
     release = asyncio.Event()
 

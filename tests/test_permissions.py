@@ -204,7 +204,10 @@ class Bus:
         return Signer(self.seed(name))
 
     async def connect(self, name: str) -> Connection:
-        connection = Connection([self.server.url], name=name, seed=self.seed(name))
+        """Connect as ``name``: a persona with its own inbox, else an operator or watcher."""
+        inbox = "_INBOX" if name in (OPERATOR, WATCHER) else subjects.inbox(name)
+        connection = Connection([self.server.url], name=name, seed=self.seed(name),
+                                inbox_prefix=inbox)
         self.opened.append(connection)
         await connect_within(connection, 5, [self.server.url])
         return connection
@@ -553,3 +556,26 @@ def test_the_operations_doc_lists_exactly_the_jetstream_subjects_granted() -> No
                 assert (expanded in allow) == (role in who[holders]), (expanded, role)
     code = {s for allow in granted.values() for s in allow if s.startswith("$")}
     assert documented == code
+
+
+async def test_a_persona_reads_only_its_own_replies(bus: Bus) -> None:
+    """With the shared _INBOX any persona could read every JetStream answer on the bus."""
+    alexa = await bus.connect("alexa")
+    otto = await bus.connect("otto")
+    await ensure(otto.js, Settings())
+    snooped: list[str] = []
+
+    async def snoop(msg: Msg) -> None:
+        snooped.append(msg.subject)
+
+    for pattern in ("_INBOX.>", f"{subjects.inbox('otto')}.>"):
+        await alexa.nc.subscribe(pattern, cb=snoop)
+    await alexa.sync()
+    await otto.js.stream_info(AUDIT_STREAM)  # otto's request and the server's reply
+    await alexa.sync()
+    key = bus.signer("alexa").public_key
+    async with asyncio.timeout(5):
+        while sum(f'"$G/nkey:{key}" - Subscription Violation' in line  # noqa: ASYNC110
+                  for line in bus.server.lines) < 2:
+            await asyncio.sleep(0.02)
+    assert snooped == []
