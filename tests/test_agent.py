@@ -8,6 +8,7 @@ seconds" scenario takes milliseconds and always unfolds the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import os
@@ -318,10 +319,8 @@ async def test_supervise_cancels_again_a_task_that_swallowed_one_cancellation() 
     # nats-py swallows a CancelledError that lands while it flushes a publish: the
     # agent's bus task must still stop, not be abandoned (which exits non-zero).
     async def swallows_once() -> None:
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            pass
         await asyncio.Event().wait()  # the second cancellation ends this
 
     stop = asyncio.Event()
