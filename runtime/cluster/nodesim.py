@@ -64,7 +64,7 @@ LIST_PAGE = 500
 _NODE_IPS = ipaddress.IPv4Address("172.16.0.1")
 _POD_IPS = ipaddress.IPv4Address("10.64.0.1")
 _NOT_READY = "node.kubernetes.io/not-ready"
-NODES_USABLE = 30.0
+NODES_USABLE = 90.0  # an upper bound, not a delay: two busy cores can slow the controller a lot
 NODES_USABLE_PER_SECOND = 50.0
 """add_nodes waits NODES_USABLE + count / NODES_USABLE_PER_SECOND seconds at most."""
 _UNSCHEDULABLE_TAINT = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
