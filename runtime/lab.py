@@ -37,7 +37,7 @@ from ruamel.yaml import YAML
 from runtime.credentials import write_seed
 from runtime.durations import format_duration, parse_duration
 from runtime.loading import ConfigInvalidError, config_paths, load, yaml_files
-from runtime.natsserver import NatsServer, NatsServerError
+from runtime.natsserver import NatsServer, NatsServerError, free_ports
 
 READY_TIMEOUT = timedelta(seconds=60)
 STOP_GRACE = timedelta(seconds=10)
@@ -182,13 +182,6 @@ async def _first(*aws: Awaitable[object], limit: timedelta | None = None) -> Non
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _free_port() -> int:
-    """A loopback port nothing listens on (it was free a moment ago)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class Lab:
     """One run: a temporary directory, a nats-server, one process per persona."""
 
@@ -219,7 +212,7 @@ class Lab:
                 self.config_dir, self.workdir, tick=self.tick, nats_url=self.server.url,
                 policy_spec={"apiserver-unreachable": {"detect": {
                     "kind": "apiserver-unreachable", "minPaths": 2, "for": "6s"}}},
-                fleet_spec={"apiservers": [f"https://127.0.0.1:{_free_port()}"]})
+                fleet_spec={"apiservers": [f"https://127.0.0.1:{free_ports(1)[0]}"]})
             self.say(f"{len(names)} personas ({', '.join(names)}), each with a fresh key, every "
                      f"policy in dry-run, tick {format_duration(self.tick)}")
             self.say("drill: the fleet's API server address points at nothing, so every agent's "

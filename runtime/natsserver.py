@@ -155,8 +155,12 @@ class NatsServer:
         self.stop()
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on loopback (all held open until all are chosen)."""
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on loopback (all held open until all are chosen).
+
+    Nothing listens on them when this returns: they serve both as ports to start a
+    server on and as addresses where a probe is sure to be refused.
+    """
     with ExitStack() as stack:
         socks = [stack.enter_context(socket.socket()) for _ in range(count)]
         for sock in socks:
@@ -175,7 +179,7 @@ class NatsCluster:
     """
 
     def __init__(self, root: Path, size: int = 3, *, name: str = "zeta") -> None:
-        ports = _free_ports(size)
+        ports = free_ports(size)
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
         self.servers = [
             NatsServer(root / f"n{i}", extra_args=(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,7 +42,7 @@ from bus.messages import (
 from runtime import tools
 from runtime.auditing import Stored, Violation, verify
 from runtime.cli import main
-from runtime.natsserver import NatsServer
+from runtime.natsserver import NatsServer, free_ports
 from tests.builders import T0
 from tests.keyed import keyed_config
 
@@ -419,9 +418,7 @@ async def _publish(url: str, envelopes: Sequence[Envelope], *, create: bool = Tr
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,7 +30,7 @@ from runtime.acting import Outcome
 from runtime.agent import Agent, build
 from runtime.lab import prepare_config
 from runtime.loading import config_paths, load
-from runtime.natsserver import NatsServer
+from runtime.natsserver import NatsServer, free_ports
 from runtime.observations import ApiProbe, SourceStatus
 from runtime.observing import Domain, Observed, Observing
 from tests.builders import RecordingActuator
@@ -42,9 +41,7 @@ NAMES = ("otto", "alexa", "riven", "vera", "lior")
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 class ReachableApi:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -43,7 +42,7 @@ from runtime.config import BusUser
 from runtime.credentials import SEED_FILE, write_seed
 from runtime.lab import prepare_config
 from runtime.loading import ConfigSet, config_paths, load
-from runtime.natsserver import NatsServer, binary
+from runtime.natsserver import NatsServer, binary, free_ports
 from runtime.operating import connect_within
 from runtime.permissions import (
     DuplicateKeyError,
@@ -493,9 +492,7 @@ def test_shipped_personas_get_the_subjects_their_duties_need() -> None:
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @pytest.mark.slow

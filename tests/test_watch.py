@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -22,7 +21,7 @@ from bus.messages import BODIES, Heartbeat, Vote
 from runtime import tools
 from runtime.cli import load_config_dir
 from runtime.coordinating import Roster
-from runtime.natsserver import NatsServer
+from runtime.natsserver import NatsServer, free_ports
 from runtime.watching import FORGET_AFTER, View, describe, json_line
 from tests.conftest import REPO
 from tests.keyed import OPERATOR, keyed_config
@@ -156,9 +155,7 @@ def test_the_roster_comes_from_the_configuration(tmp_path: Path) -> None:
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 async def _spawn(*args: str) -> asyncio.subprocess.Process:

@@ -40,7 +40,7 @@ from types import TracebackType
 import structlog
 
 from runtime.cluster.building import Binaries, ensure_binaries
-from runtime.natsserver import _free_ports
+from runtime.natsserver import free_ports
 
 log = structlog.get_logger(__name__)
 
@@ -130,7 +130,7 @@ class ControlPlane:
         self.node_monitor_grace = node_monitor_grace
         self._binaries = binaries
         self._tokens: dict[str, str] = {}
-        etcd_port, peer_port, api_port = _free_ports(3)
+        etcd_port, peer_port, api_port = free_ports(3)
         self.etcd_url = f"http://127.0.0.1:{etcd_port}"
         self._peer_url = f"http://127.0.0.1:{peer_port}"
         self.url = f"https://127.0.0.1:{api_port}"

@@ -65,7 +65,7 @@ _NODE_IPS = ipaddress.IPv4Address("172.16.0.1")
 _POD_IPS = ipaddress.IPv4Address("10.64.0.1")
 _NOT_READY = "node.kubernetes.io/not-ready"
 NODES_USABLE = 90.0  # an upper bound, not a delay: two busy cores can slow the controller a lot
-NODES_USABLE_PER_SECOND = 50.0
+NODES_USABLE_PER_SECOND = 20.0
 """add_nodes waits NODES_USABLE + count / NODES_USABLE_PER_SECOND seconds at most."""
 _UNSCHEDULABLE_TAINT = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
 
@@ -277,6 +277,7 @@ class NodeSimulator:
         self._crashing: dict[tuple[str, str], int] = {}  # (namespace, name) -> restarts
         self._issued: dict[tuple[str, str], float] = {}  # (uid, action) -> when asked
         self._status_posted: dict[str, float] = {}
+        self._started: dict[str, tuple[str, str]] = {}  # uid -> (pod IP, start time)
         self._node_ips = itertools.count(int(_NODE_IPS))
         self._pod_ips = itertools.count(int(_POD_IPS))
         self._node_counter = itertools.count()
@@ -522,6 +523,7 @@ class NodeSimulator:
         pod = self._pods.pop(uid, None)
         self._unbound.pop(uid, None)
         self._unsettled.discard(uid)
+        self._started.pop(uid, None)
         if pod is not None:
             key = (pod.namespace, pod.name)
             if self._by_key.get(key) == uid:
@@ -584,8 +586,11 @@ class NodeSimulator:
             "gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}})
 
     def _start_pod(self, pod: _Pod, node: _Node) -> None:
-        now = _now()
-        ip = str(ipaddress.IPv4Address(next(self._pod_ips)))
+        with self._lock:
+            # A repeated start (the first one's result not yet seen) must say the same:
+            # the API server merges pod IP lists and refuses two IPs of one family.
+            ip, now = self._started.setdefault(
+                pod.uid, (str(ipaddress.IPv4Address(next(self._pod_ips))), _now()))
         statuses = [{"name": name, "image": image, "imageID": "", "ready": True, "started": True,
                      "restartCount": 0, "containerID": f"simulated://{uuid.uuid4().hex}",
                      "state": {"running": {"startedAt": now}, "waiting": None,
