@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
+from bus.connection import Connection
+from bus.jetstream import Settings, ensure
 from runtime.natsserver import NatsServer
 from tests.k8s import control_plane, k8s_namespace, node_sim  # noqa: F401
 
@@ -48,3 +50,13 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A real nats-server with JetStream on a free port, with its own store."""
     with NatsServer(tmp_path / "nats-store") as server:
         yield server
+
+
+@pytest.fixture
+async def conn(nats_server: NatsServer) -> AsyncIterator[Connection]:
+    """A client of ``nats_server`` with the audit stream and lease bucket created."""
+    connection = Connection([nats_server.url], name="test", seed=None)
+    await connection.connect()
+    assert await ensure(connection.js, Settings()) == []
+    yield connection
+    await connection.close()

@@ -38,7 +38,7 @@ import pytest
 
 from bus.connection import Connection
 from bus.envelope import Accepted, Verifier
-from bus.jetstream import AUDIT_STREAM, Settings, ensure
+from bus.jetstream import AUDIT_STREAM
 from bus.keys import Signer, generate_user_seed
 from bus.messages import BODIES
 from runtime import tools
@@ -152,15 +152,6 @@ def _verify(message: Shown) -> Accepted:
         message.subject, message.payload.encode(), live=False)
     assert isinstance(checked, Accepted), checked
     return checked
-
-
-@pytest.fixture
-async def conn(nats_server: NatsServer) -> AsyncIterator[Connection]:
-    connection = Connection([nats_server.url], name="test", seed=None)
-    await connection.connect()
-    assert await ensure(connection.js, Settings()) == []
-    yield connection
-    await connection.close()
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 from bus import subjects
 from bus.connection import Connection
 from bus.envelope import Accepted, Dropped, Envelope, seal
-from bus.jetstream import Settings, ensure
 from bus.keys import Signer, generate_user_seed
 from bus.messages import BODIES, Heartbeat, Vote
 from runtime import tools
@@ -186,15 +184,6 @@ async def _stop(proc: asyncio.subprocess.Process) -> int:
         proc.kill()
         await proc.wait()
         raise
-
-
-@pytest.fixture
-async def conn(nats_server: NatsServer) -> AsyncIterator[Connection]:
-    connection = Connection([nats_server.url], name="test", seed=None)
-    await connection.connect()
-    assert await ensure(connection.js, Settings()) == []
-    yield connection
-    await connection.close()
 
 
 @pytest.mark.slow
