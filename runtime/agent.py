@@ -266,8 +266,11 @@ class Agent:
     async def _tick(self, report: TickReport) -> None:
         snapshot = await self.observing.snapshot(self._wall())
         report.sources_down = sorted(n for n, s in snapshot.sources.items() if not s.ok)
+        kubernetes = snapshot.sources.get("kubernetes")
         if snapshot.nodes is not None or snapshot.pods is not None:
             report.k8s = "observed"
+        elif kubernetes is not None and not kubernetes.ok:
+            report.k8s = f"unreachable: {kubernetes.detail[:200]}"
         if not self.ready:
             self.ready = True
             self.notifier.ready()

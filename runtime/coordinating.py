@@ -125,6 +125,10 @@ class Coordinator:
         self.problems: list[str] = []
         self.frozen: Control | None = None
         self.peers: dict[str, PeerObs] = {}
+        # When this agent began to hear heartbeats: a peer's silence is measured from
+        # here, so peers not heard from *yet* at start-up are not counted as silent
+        # (they would trip the peer-silent breaker on every fleet start).
+        self.listening_since: datetime | None = None
         # Kept current by the agent after every tick, for the heartbeat.
         self.ticks = 0
         self.status_text = "starting"
@@ -194,6 +198,7 @@ class Coordinator:
             await self.connection.subscribe("zeta.repair.*.proposed", self._on_proposal_seen)
             await self.connection.subscribe("zeta.repair.*.decided", self._on_decided)
             self._subscribed = True
+            self.listening_since = datetime.now(UTC)
         await self._restore_freeze()
         await self.journal.flush(self.connection)
 
@@ -562,7 +567,8 @@ class BusObserver:
         if not c.connected:
             return Observed({}, SourceStatus(ok=False, detail="bus down"))
         if self._domain == "peers":
-            peers = tuple(c.peers.get(name, PeerObs(persona=name))
+            peers = tuple(c.peers.get(name, PeerObs(persona=name,
+                                                    last_heartbeat=c.listening_since))
                           for name in sorted(c.config.personas) if name != c.persona.name)
             return Observed({"peers": peers}, SourceStatus(ok=True, detail=f"{len(peers)} peers"))
         if c.kv is None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,10 +29,13 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import Vote
 from runtime.acting import Outcome
 from runtime.agent import Agent, build
+from runtime.config import PeerSilentDetect
+from runtime.coordinating import BusObserver
+from runtime.detecting import detect
 from runtime.lab import prepare_config
 from runtime.loading import config_paths, load
 from runtime.natsserver import NatsServer, free_ports
-from runtime.observations import ApiProbe, SourceStatus
+from runtime.observations import ApiProbe, Snapshot, SourceStatus
 from runtime.observing import Domain, Observed, Observing
 from tests.builders import RecordingActuator
 from tests.conftest import REPO
@@ -246,3 +250,25 @@ async def test_a_proposal_for_a_leased_target_is_rejected(
     audit = await _audit(nats_server)
     reasons = [m["body"]["reason"] for m in audit if m["kind"] == "vote"]
     assert any(f"leased by repair {held.repair}" in r for r in reasons), reasons
+
+
+async def test_peers_not_heard_from_yet_are_not_silent_at_start_up() -> None:
+    """Silence counts from when this agent began listening, not from the epoch.
+
+    Otherwise every fleet start trips the peer-silent breaker (most peers unheard on
+    the first tick), and mutual repair stays off until an operator resets it.
+    """
+    started = datetime(2026, 11, 27, 6, 0, tzinfo=UTC)
+    coordinator = SimpleNamespace(
+        connected=True, peers={}, listening_since=started,
+        persona=SimpleNamespace(name="otto"), config=SimpleNamespace(personas=dict.fromkeys(NAMES)))
+    observer = BusObserver("peers", coordinator)  # type: ignore[arg-type]
+    now = started + timedelta(seconds=10)
+    seen = await observer.observe(now)
+    peers = seen.data["peers"]
+    assert {p.persona for p in peers} == set(NAMES) - {"otto"}
+    assert all(p.last_heartbeat == started for p in peers)
+    spec = PeerSilentDetect(kind="peer-silent", silentAfter=timedelta(seconds=45))
+    assert detect(spec, Snapshot(at=now, peers=peers)).matches == {}
+    later = Snapshot(at=started + timedelta(seconds=46), peers=peers)
+    assert len(detect(spec, later).matches) == 4
