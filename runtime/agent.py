@@ -36,8 +36,8 @@ from bus.journal import Journal
 from runtime import __version__
 from runtime.acting import Actuator, Actuators, DryRunOnly, NoActuatorError, run_actuator
 from runtime.authorizing import authorize
-from runtime.cluster.acting import ClientApi, KubeconfigError, kubernetes_actuators
-from runtime.cluster.observing import kubernetes_observer
+from runtime.cluster.acting import ClientApi, kubernetes_actuators
+from runtime.cluster.observing import KubeconfigError, kubernetes_observer
 from runtime.config import Persona
 from runtime.coordinating import Coordinator, LeaseReleaser
 from runtime.credentials import CredentialError, credential_path, load_signer
@@ -422,7 +422,6 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
         observers += coordinator.observers()
     observing = Observing(observers, timeout=timing.observe_timeout, host=host)
     available: dict[str, Actuator] = {}
-    kubeconfig = credential_path("kubeconfig", persona.name, config.fleet, environ)
     if kubeconfig.exists():
         try:
             available.update(kubernetes_actuators(ClientApi.from_kubeconfig(kubeconfig), persona))

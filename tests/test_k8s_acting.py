@@ -44,7 +44,6 @@ from runtime.cluster.acting import (
     Cordon,
     Drain,
     KubeApi,
-    KubeconfigError,
     KubernetesActuator,
     NodeState,
     Patch,
@@ -59,6 +58,7 @@ from runtime.cluster.acting import (
 )
 from runtime.cluster.controlplane import ControlPlane
 from runtime.cluster.nodesim import NodeSimulator
+from runtime.cluster.observing import KubeconfigError
 from runtime.config import Remedy
 from runtime.engine import Finding, Intent
 from tests.builders import T0, persona
@@ -933,3 +933,10 @@ async def test_restart_and_pod_delete_on_a_real_deployment(
                                     "period of 0s")
     wait_for("a replacement for the deleted pod", lambda: (
         len(pods := running_on(core, k8s_namespace, "web")) == 2 and victim not in pods))
+
+
+def test_a_malformed_kubeconfig_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text("clusters: [unclosed\n")
+    with pytest.raises(KubeconfigError, match=f"kubeconfig {path}: "):
+        ClientApi.from_kubeconfig(path)

@@ -34,11 +34,11 @@ import structlog
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException, OpenApiException
-from kubernetes.config.config_exception import ConfigException
 
 from bus.messages import Target
 from runtime.acting import Actuator, Fence, Outcome
 from runtime.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION, DrainParams, PodDeleteParams
+from runtime.cluster.observing import KubeconfigError
 from runtime.config import Persona
 from runtime.durations import format_duration
 from runtime.engine import Intent
@@ -121,10 +121,6 @@ class KubeApi(Protocol):
                        dry_run: bool) -> None: ...
 
 
-class KubeconfigError(ValueError):
-    """The kubeconfig cannot be read or does not describe a cluster."""
-
-
 def _dry(dry_run: bool) -> str | None:
     return "All" if dry_run else None
 
@@ -155,7 +151,10 @@ class ClientApi:
             # kubernetes.config has no type hints (kubernetes.client has).
             api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
                 config_file=str(path))
-        except (ConfigException, OSError, ValueError) as exc:
+        except Exception as exc:
+            # As in observing.load_client: the loader raises whatever its YAML, base64
+            # and file layers raise (a malformed file used to escape as a YAML error
+            # and stop the agent at start); all of it means this kubeconfig is unusable.
             raise KubeconfigError(f"kubeconfig {path}: {exc}") from exc
         return cls(api_client, timeout=timeout)
 
