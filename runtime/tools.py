@@ -226,11 +226,11 @@ def story(signers: Mapping[str, Signer], *, start: datetime, host: str = "cp-1",
         about=False)
     say("proposal", "otto", 1, Proposal(
         action="k8s.node.cordon", target=target, policy="node-not-ready",
-        policy_digest=policy_digest, step=1, destructive=True,
+        policy_digest=policy_digest, step=0, destructive=True,
         quorum=QuorumRule(approvals=3, veto=("riven",), deadline=deadline),
         summary="node worker-1 Ready=Unknown for 3m",
-        evidence={"since": "2026-11-27T05:57:00Z", "kubelet_start": "did not help"},
-        rationale="step 0 (start kubelet.service) did not bring the node back"))
+        evidence={"since": "2026-11-27T05:57:00Z", "reason": "NodeStatusUnknown"},
+        rationale="not Ready for 3m, longer than the policy's 2m"))
     votes = [
         say("vote", "alexa", 1.4, Vote(
             verdict="approve", reason="confirmed from cp-2: kubelet on worker-1 not answering",

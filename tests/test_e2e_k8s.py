@@ -58,8 +58,8 @@ QUORUM = {"approvals": 3, "veto": ["riven"], "deadline": "10s"}
 NODE_NOT_READY = {
     "detect": {"kind": "node-condition", "condition": "Ready", "status": ["False", "Unknown"],
                "for": "5s"},
-    # No host actuator exists here (no systemd), so the ladder starts at the cordon. A
-    # cordon alone cannot clear NotReady: its short verify window moves on to the drain.
+    # The shipped ladder with test-sized windows. A cordon alone cannot clear
+    # NotReady: its short verify window moves on to the drain.
     "remedies": [
         {"action": "k8s.node.cordon", "quorum": QUORUM,
          "verify": {"within": "3s", "expect": "finding-cleared"}},

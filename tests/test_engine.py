@@ -779,8 +779,8 @@ def test_the_engine_runs_over_the_shipped_policies() -> None:
     assert {e.finding.policy for e in opened} == {p.value.name for p in policies}
     by_policy = {i.policy: i for i in intents}
     assert set(by_policy) == {p.value.name for p in policies}
-    assert by_policy["node-not-ready"].target == Target(kind="unit", name="kubelet.service",
-                                                        host="w1")
+    assert by_policy["node-not-ready"].target == Target(kind="node", name="w1")
+    assert by_policy["node-not-ready"].action.name == "k8s.node.cordon"
     assert by_policy["pod-crashloop"].target == web
     assert by_policy["pod-crashloop"].quorum == Quorum(approvals=2, veto=("riven",),
                                                        deadline=timedelta(seconds=30))

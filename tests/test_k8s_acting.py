@@ -139,8 +139,8 @@ class FakeApi:
             raise error
 
     def add_node(self, name: str, *, unschedulable: bool = False,
-                 annotations: Mapping[str, str] | None = None) -> None:
-        self.nodes[name] = NodeState(name, unschedulable, dict(annotations or {}), "1")
+                 annotations: Mapping[str, str] | None = None, ready: bool = True) -> None:
+        self.nodes[name] = NodeState(name, unschedulable, dict(annotations or {}), "1", ready)
         self.pods.setdefault(name, {})
 
     def add_pod(self, on: str, name: str, **fields: Any) -> PodState:
@@ -176,14 +176,16 @@ class FakeApi:
                 annotations.pop(key, None)
             else:
                 annotations[key] = value
-        self.nodes[name] = NodeState(name, bool(patch["spec"]["unschedulable"]), annotations,
-                                     str(int(state.resource_version) + 1))
+        self.nodes[name] = replace(state, unschedulable=bool(patch["spec"]["unschedulable"]),
+                                   annotations=annotations,
+                                   resource_version=str(int(state.resource_version) + 1))
 
     def pods_on(self, node: str) -> list[PodState]:
         self._serve("pods_on", node)
         here = self.pods.get(node, {})
-        for key in [key for key, pod in here.items() if pod.terminating]:
-            del here[key]  # the kubelet finished the deletion
+        if self.nodes[node].ready:  # only a live kubelet finishes a deletion
+            for key in [key for key, pod in here.items() if pod.terminating]:
+                del here[key]
         return list(here.values())
 
     def evict(self, pod: PodState, *, dry_run: bool) -> None:
@@ -590,6 +592,56 @@ async def test_drain_gives_up_at_its_deadline_and_says_what_is_left() -> None:
     assert "web-1" in str(api.pods["w1"])
 
 
+async def test_drain_of_a_dead_node_does_not_wait_for_pods_no_kubelet_will_finish() -> None:
+    api = world()
+    api.nodes["w1"] = replace(api.nodes["w1"], ready=False)
+    api.add_pod("w1", "old", terminating=True)  # evicted before this drain began
+    clock = FakeTime()
+    outcome = await run(actuator(Drain, api, clock),
+                        intent("k8s.node.drain", node("w1"), drain_params(60)))
+    assert outcome.ok, outcome.detail
+    assert outcome.detail.startswith("drained w1 in 0s; cordoned w1")
+    assert "evicted 1 pods (default/web-1)" in outcome.detail
+    assert ("left Terminating on the node, which is not Ready, for its kubelet or the pod "
+            "garbage collector to finish (their controllers have replaced them): "
+            "default/old, default/web-1") in outcome.detail
+    assert clock.now == 0.5  # one look after the evictions, no waiting for the deadline
+    assert {"default/old", "default/web-1"} <= set(api.pods["w1"])  # never deleted instead
+    assert not [s for s in api.sent if s.method == "delete_pod"]
+
+
+async def test_drain_of_a_dead_node_still_waits_for_a_statefulset_pod() -> None:
+    api = world()
+    api.nodes["w1"] = replace(api.nodes["w1"], ready=False)
+    api.add_pod("w1", "db-0", controller="StatefulSet")
+    clock = FakeTime()
+    outcome = await run(actuator(Drain, api, clock),
+                        intent("k8s.node.drain", node("w1"), drain_params(20)))
+    # Its replacement starts only once it is really gone: the drain cannot call it done.
+    assert not outcome.ok
+    assert outcome.detail.startswith("w1 not drained within 20s")
+    assert "still on the node: default/db-0 (evicted, still terminating)" in outcome.detail
+    assert "default/web-1" in outcome.detail.split("left Terminating")[1]
+    assert clock.now == 20.0
+
+
+async def test_drain_of_a_node_that_comes_back_waits_for_its_kubelet_again() -> None:
+    api = world()
+    api.nodes["w1"] = replace(api.nodes["w1"], ready=False)
+    api.add_pod("w1", "db-0", controller="StatefulSet")
+    clock = FakeTime()
+
+    async def kubelet_returns(seconds: float) -> None:
+        await clock.sleep(seconds)
+        api.nodes["w1"] = replace(api.nodes["w1"], ready=True)
+
+    outcome = await run(Drain(api, persona="otto", user="zeta-otto", clock=clock.clock,
+                              sleep=kubelet_returns),
+                        intent("k8s.node.drain", node("w1"), drain_params(60)))
+    assert outcome.ok, outcome.detail
+    assert set(api.pods["w1"]) == {"default/agent-x", "default/etcd-w1"}
+
+
 async def test_drain_does_not_evict_a_pod_without_a_controller() -> None:
     api = world()
     api.add_pod("w1", "bare", controller=None)
@@ -758,6 +810,11 @@ def ready_pods(core: client.CoreV1Api, namespace: str, app: str,
         pods if len(pods := running_on(core, namespace, app)) == count else None))
 
 
+def is_ready_node(node: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True"
+               for c in node.get("status", {}).get("conditions", []))
+
+
 def is_ready(pod: dict[str, Any]) -> bool:
     conditions = pod.get("status", {}).get("conditions", [])
     return "deletionTimestamp" not in pod["metadata"] and any(
@@ -862,6 +919,32 @@ async def test_drain_evicts_one_at_a_time_under_a_budget_and_skips_daemonset_pod
     assert target not in placed.values()
     assert running_on(core, k8s_namespace, "agent")[daemon_pod] == target
     assert read_node(core, target)["metadata"]["annotations"][REPAIR_ANNOTATION] == "01JDRAIN"
+
+
+async def test_drain_of_a_dead_node_returns_once_its_pods_are_replaced(
+        core: client.CoreV1Api, apps: client.AppsV1Api, admin: ClientApi, k8s_namespace: str,
+        node_sim: NodeSimulator) -> None:
+    [target] = node_sim.add_nodes(1)
+    create_deployment(apps, k8s_namespace, "web", 2)
+    placed = ready_pods(core, k8s_namespace, "web", 2)
+    assert set(placed.values()) == {target}
+    first, second = sorted(placed)
+    node_sim.add_nodes(1)  # room for the replacements
+    node_sim.stop_heartbeats(target)
+    wait_for(f"{target} to go NotReady", lambda: not is_ready_node(read_node(core, target)),
+             timeout=60)
+    outcome = await run(Drain(admin, persona="otto", user="zeta-admin"),
+                        intent("k8s.node.drain", node(target), drain_params(60)))
+    assert outcome.ok, outcome.detail
+    assert (f"left Terminating on the node, which is not Ready, for its kubelet or the pod "
+            f"garbage collector to finish (their controllers have replaced them): "
+            f"{k8s_namespace}/{first}, {k8s_namespace}/{second}") in outcome.detail
+    # Evicted, not deleted: the API server still has them, Terminating on the dead node.
+    for name in (first, second):
+        stuck = as_json(core.read_namespaced_pod(name, k8s_namespace))
+        assert "deletionTimestamp" in stuck["metadata"], stuck["metadata"]
+        assert stuck["spec"]["nodeName"] == target
+    assert target not in ready_pods(core, k8s_namespace, "web", 2).values()
 
 
 async def test_a_dry_run_changes_nothing_on_the_cluster(

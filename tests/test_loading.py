@@ -150,16 +150,16 @@ BREAKAGES = {
     "quorum looser than floor": Breakage(
         "policies/node-not-ready.yaml", "quorum: {approvals: 3, veto: [riven], deadline: 30s}",
         "quorum: {approvals: 1, veto: [riven], deadline: 30s}",
-        (Expect("quorum: {approvals: 1", "spec.remedies[1].quorum",
+        (Expect("quorum: {approvals: 1", "spec.remedies[0].quorum",
                 "approvals 1 is looser than the floor of k8s.node.cordon (2)"),)),
     "destructive marked non-destructive": Breakage(
         "policies/node-not-ready.yaml", "- action: k8s.node.cordon\n",
         "- action: k8s.node.cordon\n      destructive: false\n",
-        (Expect("destructive: false", "spec.remedies[1].destructive",
+        (Expect("destructive: false", "spec.remedies[0].destructive",
                 "k8s.node.cordon is destructive; a policy may not mark it non-destructive"),)),
     "unknown action": Breakage(
         "policies/node-not-ready.yaml", "action: k8s.node.cordon", "action: k8s.node.cordn",
-        (Expect("- action: k8s.node.cordn", "spec.remedies[1].action",
+        (Expect("- action: k8s.node.cordn", "spec.remedies[0].action",
                 "unknown action 'k8s.node.cordn'; the catalog has: agent.peer.restart, "),)),
     "bad params": Breakage(
         "policies/kubelet-failed.yaml",
@@ -169,7 +169,7 @@ BREAKAGES = {
                 "unit: String should match pattern"),)),
     "unknown params": Breakage(
         "policies/node-not-ready.yaml", "params: {timeout: 5m}", "params: {timeout: 5m, force: 1}",
-        (Expect("params: {timeout: 5m, force: 1}", "spec.remedies[2].params",
+        (Expect("params: {timeout: 5m, force: 1}", "spec.remedies[1].params",
                 "force: Extra inputs are not permitted"),)),
     "unknown detector kind": Breakage(
         "policies/node-not-ready.yaml", "kind: node-condition", "kind: node-conditon",
@@ -314,7 +314,7 @@ def break_three_files(config_dir: Path) -> list[tuple[str, int, str]]:
         (str(otto), line_of(otto, "- k8s:nodes:cordn"), "spec.scopes[0]"),
         (str(otto), line_of(otto, "tick:"), "spec.tick"),
         (str(policy), line_of(policy, "kind: node-conditon"), "spec.detect.kind"),
-        (str(policy), line_of(policy, "quorum: {approvals: 1"), "spec.remedies[1].quorum"),
+        (str(policy), line_of(policy, "quorum: {approvals: 1"), "spec.remedies[0].quorum"),
         (str(syntax), line_of(syntax, "for: 30s"), ""),
     ])
 

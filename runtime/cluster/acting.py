@@ -66,6 +66,9 @@ class NodeState:
     unschedulable: bool
     annotations: Mapping[str, str]
     resource_version: str
+    # False while the node's Ready condition is not True: its kubelet is not there to
+    # finish the termination of its pods.
+    ready: bool = True
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,9 @@ class ClientApi:
         return NodeState(name=meta.name or name,
                          unschedulable=bool(node.spec and node.spec.unschedulable),
                          annotations=dict(meta.annotations or {}),
-                         resource_version=meta.resource_version or "")
+                         resource_version=meta.resource_version or "",
+                         ready=any(c.type == "Ready" and c.status == "True"
+                                   for c in (node.status and node.status.conditions) or ()))
 
     def patch_node(self, name: str, patch: Patch, *, dry_run: bool) -> None:
         self._core.patch_node(name, patch, dry_run=_dry(dry_run), _request_timeout=self._timeout)
@@ -400,6 +405,10 @@ def _said(session: Session, would: str, did: str) -> str:
     return f"dry-run (the API server accepted it): would {would}" if session.dry_run else did
 
 
+async def _read_node(session: Session, node: str) -> NodeState:
+    return await session.read(Call("get", "nodes", node), lambda api: api.read_node(node))
+
+
 async def ensure_cordoned(session: Session, node: str, *, repair: str, persona: str) -> str:
     """Cordon ``node`` for ``repair`` and say what was done.
 
@@ -409,7 +418,7 @@ async def ensure_cordoned(session: Session, node: str, *, repair: str, persona: 
     """
 
     async def attempt() -> str:
-        state = await session.read(Call("get", "nodes", node), lambda api: api.read_node(node))
+        state = await _read_node(session, node)
         owner = state.annotations.get(REPAIR_ANNOTATION)
         if state.unschedulable and owner is None:
             return (f"{node} was already cordoned without a {REPAIR_ANNOTATION} annotation "
@@ -455,8 +464,7 @@ class Uncordon(KubernetesActuator):
         expected = intent.finding.evidence.get("repair")
 
         async def attempt() -> Outcome:
-            state = await session.read(Call("get", "nodes", node),
-                                       lambda api: api.read_node(node))
+            state = await _read_node(session, node)
             owner = state.annotations.get(REPAIR_ANNOTATION)
             if state.unschedulable and owner is None:
                 return Outcome(False, f"{node} was cordoned by a person (no "
@@ -488,6 +496,18 @@ class DrainPlan:
     terminating: tuple[PodState, ...]  # already going: only waited for
     skip: Mapping[str, str]  # pod → why it stays (its controller does not honour a cordon)
     refuse: Mapping[str, str]  # pod → why evicting it would be wrong without a person
+
+    def left_to_the_control_plane(self) -> tuple[PodState, ...]:
+        """The terminating pods not worth waiting for while the node is not Ready.
+
+        Without a kubelet nobody finishes a deletion: the pod stays Terminating until
+        the node comes back or is removed. Its ReplicaSet, Job or DaemonSet already
+        counts it as gone and has replaced it, so the drain has done its part. A
+        StatefulSet does not: it starts the replacement only once the old pod is really
+        gone, because two pods with one identity must never run, so those are still
+        waited for (and reported if they outlast the drain's deadline).
+        """
+        return tuple(p for p in self.terminating if p.controller != "StatefulSet")
 
 
 def plan_drain(pods: Sequence[PodState]) -> DrainPlan:
@@ -525,7 +545,9 @@ class Drain(KubernetesActuator):
     Only the Eviction API is used, never a delete, so PodDisruptionBudgets hold: an
     eviction answered 429 is tried again with backoff until ``params.timeout``. The
     node's pods are listed again each round: evicted ones are waited for until they are
-    gone, and pods that arrived meanwhile are evicted too. DaemonSet and mirror pods
+    gone, and pods that arrived meanwhile are evicted too. On a node that is not Ready
+    nobody finishes a termination, so there the wait ends once the controllers have
+    replaced the pods (see ``DrainPlan.left_to_the_control_plane``). DaemonSet and mirror pods
     stay; pods without a controller are not evicted (they would be lost, ``kubectl
     drain`` asks for ``--force``), and the drain then reports failure naming them.
     """
@@ -553,9 +575,13 @@ class Drain(KubernetesActuator):
         attempts: dict[str, int] = {}  # pod → evictions refused so far
         blocked: dict[str, str] = {}  # pod → why its last eviction was refused
         backoff = self.FIRST_BACKOFF
+        abandoned: dict[str, str] = {}  # uid → pod left Terminating on a node not Ready
         while True:
+            ready = (await _read_node(session, node)).ready
             plan = plan_drain(await _pods_on(session, node))
-            still = {p.key for p in (*plan.evict, *plan.terminating)}
+            if not ready:
+                abandoned.update((p.uid, p.key) for p in plan.left_to_the_control_plane())
+            still = {p.key for p in (*plan.evict, *plan.terminating) if p.uid not in abandoned}
             blocked = {key: why for key, why in blocked.items() if key in still}
             progress = False
             for pod in (p for p in plan.evict if p.uid not in evicted):
@@ -578,16 +604,17 @@ class Drain(KubernetesActuator):
             if now >= deadline:
                 return Outcome(False, self._report(
                     f"{node} not drained within {format_duration(timeout)}", cordon, plan,
-                    evicted, blocked, left=still))
+                    evicted, blocked, left=still, abandoned=abandoned))
             backoff = self.FIRST_BACKOFF if progress else min(backoff * 2, self.MAX_BACKOFF)
             await self._sleep(min(backoff, deadline - now))
         took = timedelta(seconds=round(self._clock() - started))
         if plan.refuse:
             return Outcome(False, self._report(
                 f"{node} not drained: pods without a controller left on it", cordon, plan,
-                evicted, blocked, left=set()))
+                evicted, blocked, left=set(), abandoned=abandoned))
         return Outcome(True, self._report(f"drained {node} in {format_duration(took)}", cordon,
-                                          plan, evicted, blocked, left=set()))
+                                          plan, evicted, blocked, left=set(),
+                                          abandoned=abandoned))
 
     async def _dry_run(self, session: Session, cordon: str, plan: DrainPlan) -> Outcome:
         would: list[str] = []
@@ -616,10 +643,15 @@ class Drain(KubernetesActuator):
         return parts
 
     def _report(self, head: str, cordon: str, plan: DrainPlan, evicted: Mapping[str, str],
-                blocked: Mapping[str, str], *, left: set[str]) -> str:
+                blocked: Mapping[str, str], *, left: set[str],
+                abandoned: Mapping[str, str]) -> str:
         gone = ", ".join(sorted(evicted.values()))
         parts = [head, cordon, f"evicted {len(evicted)} pods ({gone})" if evicted
                  else "evicted no pod"]
+        if abandoned:
+            parts.append(f"left Terminating on the node, which is not Ready, for its kubelet "
+                         f"or the pod garbage collector to finish (their controllers have "
+                         f"replaced them): {', '.join(sorted(abandoned.values()))}")
         if left:
             waiting = {key: blocked.get(key, "evicted, still terminating") for key in left}
             parts.append(f"still on the node: {self._reasons(waiting)}")
