@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeAlias, assert_never
 
 from bus.messages import Target
@@ -31,7 +31,7 @@ from runtime.config import (
     StaleLeaseDetect,
     UnitFailedDetect,
 )
-from runtime.observations import ApiProbe, NodeObs, PodObs, Snapshot
+from runtime.observations import ApiProbe, EventObs, NodeObs, PodObs, Snapshot
 
 JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
 """Evidence values: whatever survives ``json.dumps`` unchanged, so findings go on the bus as is."""
@@ -76,6 +76,23 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+EVIDENCE_EVENTS = 3
+"""Warning events quoted in a finding's evidence: the latest few say what is going on."""
+
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def _events(snapshot: Snapshot, about: set[tuple[str, str]]) -> dict[str, JSON]:
+    """``{"events": [...]}`` with the latest Warnings about ``(namespace, Kind/name)`` objects.
+
+    Empty when there are none or events were not observed, so evidence only grows by
+    what was seen.
+    """
+    found: list[EventObs] = [e for e in snapshot.events or () if (e.namespace, e.object) in about]
+    found.sort(key=lambda e: e.last_seen or _NEVER)
+    return {"events": [e.line() for e in found[-EVIDENCE_EVENTS:]]} if found else {}
+
+
 # ---------------------------------------------------------------- detectors
 
 
@@ -97,7 +114,8 @@ def _node_condition(spec: NodeConditionDetect, snapshot: Snapshot) -> Detection:
             Target(kind="node", name=node.name),
             f"node {node.name}: {spec.condition}={status}" + (f" ({reason})" if reason else ""),
             {"condition": spec.condition, "status": status, "reason": reason,
-             "since": _iso(condition.since) if condition is not None else None},
+             "since": _iso(condition.since) if condition is not None else None,
+             **_events(snapshot, {("", f"Node/{node.name}")})},
         ))
     return _found(matches, len(selected))
 
@@ -136,7 +154,8 @@ def _pod_crashloop(spec: PodCrashloopDetect, snapshot: Snapshot) -> Detection:
             f"{target.kind} {target.namespace}/{target.name}: {len(looping)}/{len(pods)} "
             f"pod(s) in CrashLoopBackOff",
             {"crashlooping": {k: list(v) for k, v in looping.items()}, "restarts": restarts,
-             "minRestarts": spec.minRestarts},
+             "minRestarts": spec.minRestarts,
+             **_events(snapshot, {(p.namespace, f"Pod/{p.name}") for p in pods})},
         ))
     return _found(matches, len(groups))
 

@@ -93,6 +93,23 @@ class HostHealth(Obs):
     memory_pressure_some_avg10: float | None = None
 
 
+class EventObs(Obs):
+    """A Warning event the API server still holds (it keeps events for an hour by default)."""
+
+    namespace: str = ""
+    object: str = Field(description="The object it is about, as Kind/name (e.g. Node/w1).")
+    reason: str = ""
+    message: str = Field(default="", description="Cut to a few hundred characters: it is "
+                                                 "evidence, written by whoever could post it.")
+    count: int = 1
+    last_seen: datetime | None = None
+
+    def line(self) -> str:
+        """One line of evidence: ``Reason: message (xN)``."""
+        times = f" (x{self.count})" if self.count > 1 else ""
+        return f"{self.reason}: {self.message}{times}"
+
+
 class SourceStatus(Obs):
     """How an observer fared this tick: the evidence of what was and was not seen."""
 
@@ -110,4 +127,5 @@ class Snapshot(Obs):
     peers: tuple[PeerObs, ...] | None = None
     leases: tuple[LeaseObs, ...] | None = None
     health: HostHealth | None = None
+    events: tuple[EventObs, ...] | None = None
     sources: dict[str, SourceStatus] = Field(default_factory=dict)

@@ -27,6 +27,7 @@ from runtime.catalog import UnitParams
 from runtime.config import Fleet, RepairPolicy, UnitFailedDetect
 from runtime.observations import (
     ApiProbe,
+    EventObs,
     HostHealth,
     LeaseObs,
     NodeObs,
@@ -40,7 +41,8 @@ from runtime.observations import (
 log = structlog.get_logger()
 T = TypeVar("T")
 
-Domain = Literal["nodes", "pods", "apiserver", "units", "peers", "leases", "health"]
+Domain = Literal["nodes", "pods", "apiserver", "units", "peers", "leases", "health",
+                 "events"]
 DOMAINS: tuple[Domain, ...] = get_args(Domain)
 
 
@@ -54,6 +56,7 @@ class Contribution(TypedDict, total=False):
     peers: tuple[PeerObs, ...]
     leases: tuple[LeaseObs, ...]
     health: HostHealth
+    events: tuple[EventObs, ...]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from runtime.engine import Intent
 from runtime.observations import (
     ApiProbe,
     ContainerObs,
+    EventObs,
     LeaseObs,
     NodeCondition,
     NodeObs,
@@ -81,7 +82,8 @@ def lease(key: str, repair: str, expires: datetime, holder: str = "otto") -> Lea
 def snapshot(t: float, *, host: str = HOST, nodes: Sequence[NodeObs] | None = None,
              pods: Sequence[PodObs] | None = None, apiserver: Sequence[ApiProbe] | None = None,
              units: Sequence[UnitObs] | None = None, peers: Sequence[PeerObs] | None = None,
-             leases: Sequence[LeaseObs] | None = None) -> Snapshot:
+             leases: Sequence[LeaseObs] | None = None,
+             events: Sequence[EventObs] | None = None) -> Snapshot:
     """A snapshot ``t`` seconds after ``T0``; a domain left out was not observed."""
 
     def seen(items: Sequence[Any] | None) -> tuple[Any, ...] | None:
@@ -89,7 +91,7 @@ def snapshot(t: float, *, host: str = HOST, nodes: Sequence[NodeObs] | None = No
 
     return Snapshot(at=at(t), host=host, nodes=seen(nodes), pods=seen(pods),
                     apiserver=seen(apiserver), units=seen(units), peers=seen(peers),
-                    leases=seen(leases))
+                    leases=seen(leases), events=seen(events))
 
 
 def policy(name: str, detect: Mapping[str, Any], remedies: Sequence[Mapping[str, Any]], *,

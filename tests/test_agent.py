@@ -478,7 +478,7 @@ class Greedy:
 async def test_observers_fill_disjoint_domains_and_failures_stay_unobserved() -> None:
     observing = Observing([UnitsObserver([unit("kubelet.service")]), Hanging(), Raising()],
                           timeout=0, host="cp-1")
-    assert observing.unobserved == ("nodes", "pods", "apiserver", "health")
+    assert observing.unobserved == ("nodes", "pods", "apiserver", "health", "events")
     with capture_logs() as logs:
         snapshot = await observing.snapshot(T0)
     assert snapshot.units == (unit("kubelet.service"),)

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter
 from bus.messages import Target
 from runtime.config import Detect, Expectation
 from runtime.detecting import APISERVER, Detection, detect, expectation_met
-from runtime.observations import NodeObs, PodObs, Snapshot, UnitObs
+from runtime.observations import EventObs, NodeObs, PodObs, Snapshot, UnitObs
 from tests.builders import (
     HOST,
     at,
@@ -112,6 +112,29 @@ def test_node_condition_reads_other_conditions() -> None:
     assert keys(detection) == {"node.a"}
 
 
+def warning(about: str, reason: str, second: float, *, namespace: str = "",
+            message: str = "it broke") -> EventObs:
+    return EventObs(namespace=namespace, object=about, reason=reason, message=message,
+                    last_seen=at(second))
+
+
+def test_a_finding_quotes_the_latest_warnings_about_its_node() -> None:
+    events = [warning("Node/b", f"R{i}", second) for i, second in enumerate([5, 1, 9, 3])]
+    events += [warning("Node/a", "Other", 10), warning("Pod/b", "NotTheNode", 10,
+                                                        namespace="default")]
+    detection = detect(spec("node-condition", status=["False"]),
+                       snapshot(0, nodes=[node("a"), node("b", "False")], events=events))
+    assert detection.matches["node.b"].evidence["events"] == [
+        "R3: it broke", "R0: it broke", "R2: it broke"]  # the three latest, oldest first
+
+
+def test_without_warnings_or_without_looking_the_evidence_has_no_events() -> None:
+    for events in (None, [], [warning("Node/other", "R", 1)]):
+        detection = detect(spec("node-condition", status=["False"]),
+                           snapshot(0, nodes=[node("b", "False")], events=events))
+        assert "events" not in detection.matches["node.b"].evidence
+
+
 # ---------------------------------------------------------------- pod-crashloop
 
 
@@ -130,8 +153,22 @@ def test_crashlooping_pods_group_by_their_workload() -> None:
     assert "2/3" in web_match.summary
     looping: Any = web_match.evidence["crashlooping"]
     assert looping == {"default/web-1": ["app"], "default/web-2": ["app"]}
+    assert "events" not in web_match.evidence
     assert detection.matches["pod.default/lone"].target == Target(
         kind="pod", name="lone", namespace="default")
+
+
+def test_a_crashloop_finding_quotes_the_warnings_about_the_workloads_pods() -> None:
+    web = deployment("web")
+    pods = [pod("web-1", owner=web, restarts=7, crashloop=True), pod("web-2", owner=web)]
+    events = [warning("Pod/web-1", "BackOff", 2, namespace="default",
+                      message="Back-off restarting failed container app"),
+              warning("Pod/web-2", "Unhealthy", 1, namespace="default"),
+              warning("Pod/web-1", "BackOff", 3, namespace="other")]
+    detection = detect(spec("pod-crashloop", minRestarts=3), snapshot(0, pods=pods,
+                                                                       events=events))
+    assert detection.matches["deployment.default/web"].evidence["events"] == [
+        "Unhealthy: it broke", "BackOff: Back-off restarting failed container app"]
 
 
 def test_crashloop_needs_min_restarts_and_the_waiting_reason() -> None:

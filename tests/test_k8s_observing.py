@@ -29,9 +29,11 @@ from runtime.cluster.controlplane import ControlPlane
 from runtime.cluster.nodesim import NodeSimulator
 from runtime.cluster.observing import (
     RESOURCES,
+    Cache,
     KubernetesObserver,
     WatchTiming,
     endpoints,
+    event_obs,
     load_client,
     node_obs,
     pod_obs,
@@ -40,6 +42,7 @@ from runtime.loading import load
 from runtime.observations import (
     ApiProbe,
     ContainerObs,
+    EventObs,
     NodeCondition,
     NodeObs,
     PodObs,
@@ -274,6 +277,45 @@ def test_a_pod_seen_before_its_replicaset_is_resolved_when_the_replicaset_arrive
         Target(kind="deployment", namespace="web", name="api")}
 
 
+def event_json(name: str, about: JSON, reason: str = "BackOff", message: str = "restarting",
+               *, namespace: str = "web", seen: str = "2026-11-27T06:00:05Z",
+               count: int | None = 4) -> JSON:
+    return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": "7"},
+            "involvedObject": about, "reason": reason, "message": message, "type": "Warning",
+            "lastTimestamp": seen, **({"count": count} if count is not None else {})}
+
+
+def test_an_event_keeps_what_it_is_about_and_a_bounded_message() -> None:
+    obs = event_obs(event_json("web-1.17", {"kind": "Pod", "namespace": "web", "name": "web-1"},
+                               message="Back-off restarting failed container app"))
+    assert obs == EventObs(namespace="web", object="Pod/web-1", reason="BackOff",
+                           message="Back-off restarting failed container app", count=4,
+                           last_seen=at(5))
+    assert obs.line() == "BackOff: Back-off restarting failed container app (x4)"
+    assert EventObs.model_validate(obs.model_dump()) == obs
+    # A Node's event is stored in "default", the Node in no namespace; an event written
+    # through events.k8s.io has no lastTimestamp or count, only its series.
+    node = event_json("w1.18", {"kind": "Node", "name": "w1"}, "NodeNotReady", "x" * 5000,
+                      namespace="default", count=None)
+    del node["lastTimestamp"]
+    node["series"] = {"count": 9, "lastObservedTime": "2026-11-27T06:00:09.000000Z"}
+    obs = event_obs(node)
+    assert (obs.namespace, obs.object, obs.count, obs.last_seen) == ("", "Node/w1", 9, at(9))
+    assert len(obs.message) == 300
+    assert obs.message.endswith("…")
+
+
+def test_an_event_storm_keeps_only_the_latest_events() -> None:
+    cache = Cache()
+    storm = [event_json(f"e{i}", {"kind": "Pod", "namespace": "web", "name": f"p{i}"},
+                        seen=f"2026-11-27T{6 + i // 3600:02}:{i // 60 % 60:02}:{i % 60:02}Z")
+             for i in range(Cache.MAX_EVENTS + 500)]
+    cache.update("events", reversed(storm))  # oldest last: the order must not matter
+    assert len(cache.events) == Cache.MAX_EVENTS
+    kept = sorted(k[1] for k in cache.events)
+    assert kept == sorted(f"e{i}" for i in range(500, Cache.MAX_EVENTS + 500))
+
+
 def test_the_cache_stays_small_per_pod() -> None:
     # The benchmark's 150,000 pods must fit an agent in 300 MB with the rest of it.
     pods = [pod_json(f"app-{i // 30}-5f7c9-{i % 30:05d}", f"ns-{i // 3000}",
@@ -318,8 +360,9 @@ async def test_the_tick_sees_the_list_then_watch_events_without_listing_again() 
         type="Ready", status="Unknown", reason="KubeletReady", since=T0)
     assert (nodes["worker-1"].heartbeat, nodes["worker-2"].heartbeat) == (at(5.25), at(9))
     assert data["pods"] == ()
-    assert status == SourceStatus(ok=True, detail="3 nodes; 0 pods; lists: nodes 1, "
-                                                  "leases 1, replicasets 1, pods 1")
+    assert status == SourceStatus(ok=True, detail="3 nodes; 0 pods; 0 warning events; "
+                                                  "lists: nodes 1, leases 1, replicasets 1, "
+                                                  "pods 1, events 1")
     # Each watch resumes where the last one ended: the list, then the bookmark.
     assert cluster["nodes"].watched_from == ["10", "15"]
     assert cluster["nodes"].lists == 1
@@ -361,7 +404,7 @@ async def test_nothing_is_shown_before_the_first_list() -> None:
     assert data == {}
     assert not status.ok
     assert status.detail.startswith("nodes: first list in progress; leases: first list")
-    assert "nodes and pods not observed" in status.detail
+    assert "nodes, pods and events not observed" in status.detail
     assert await cluster.observer.probes() == ()
 
 
@@ -400,7 +443,7 @@ async def test_cached_data_is_withheld_once_the_watch_has_failed_for_too_long() 
     assert [p.name for p in data["pods"]] == ["web-1"]  # its own streams are fine
     assert status.detail.endswith(
         f"nodes not observed: no fresh list and watch within {STALE:g}s; 1 pods; "
-        "lists: nodes 1, leases 1, replicasets 1, pods 1")
+        "0 warning events; lists: nodes 1, leases 1, replicasets 1, pods 1, events 1")
     with capture_logs() as logs:
         cluster.step("nodes")  # the server is back: a list, not a resumed watch
     assert [(e["event"], e["after_attempts"]) for e in logs] == [("watch recovered", 1)]
@@ -654,7 +697,7 @@ def list_counts(calls: Mapping[str, Counted]) -> dict[str, int]:
     return {name: call.lists for name, call in calls.items()}
 
 
-ONE_LIST_EACH = {"nodes": 1, "leases": 1, "replicasets": 1, "pods": 1}
+ONE_LIST_EACH = {"nodes": 1, "leases": 1, "replicasets": 1, "pods": 1, "events": 1}
 
 
 @pytest.mark.slow
@@ -684,6 +727,37 @@ async def test_nodes_and_pods_appear_as_the_simulator_creates_them(
         assert all(n.labels["pool"] == "observed" for n in nodes.values())
         assert {p.owner for p in pods} == {web}
         assert {p.node for p in pods} <= set(names)
+        assert list_counts(calls) == ONE_LIST_EACH
+
+
+@pytest.mark.slow
+async def test_warning_events_are_watched_and_normal_ones_never_fetched(
+        control_plane: ControlPlane, node_sim: NodeSimulator) -> None:
+    [name] = node_sim.add_nodes(1)
+
+    def post(kind: str, reason: str, message: str) -> None:
+        # Events about cluster-scoped objects must live in "default", as the kubelet's do.
+        api.call("POST", "/api/v1/namespaces/default/events", body={
+            "metadata": {"generateName": f"{name}."}, "type": kind, "reason": reason,
+            "message": message, "involvedObject": {"kind": "Node", "name": name},
+            "source": {"component": "kubelet"}, "count": 1,
+            "lastTimestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")})
+
+    with watching(control_plane) as (observer, calls), admin_json(control_plane) as api:
+        post("Normal", "Starting", "Starting kubelet.")
+        post("Warning", "ContainerGCFailed", "rpc error: connection refused")
+        post("Normal", "NodeReady", "Node is ready")
+
+        def mine(observed: Observed) -> list[EventObs] | None:
+            events = [e for e in observed.data.get("events") or () if e.object == f"Node/{name}"]
+            return events or None
+
+        [warning] = await until(observer, mine, 20, "the Warning event")
+        assert (warning.namespace, warning.reason) == ("", "ContainerGCFailed")
+        post("Warning", "Rebooted", "Node rebooted")
+        events = await until(observer, lambda o: (e if len(e := mine(o) or []) == 2 else None),
+                             20, "the second Warning, by the watch")
+        assert {e.reason for e in events} == {"ContainerGCFailed", "Rebooted"}
         assert list_counts(calls) == ONE_LIST_EACH
 
 
@@ -758,7 +832,7 @@ async def test_an_unreachable_api_server_is_an_observation_until_it_returns(
             blind = await until(observer, lambda o: o if "nodes" not in o.data else None,
                                 stale_after + 5, "stale nodes withheld")
             assert "pods" not in blind.data
-            assert "nodes and pods not observed" in blind.status.detail
+            assert "nodes, pods and events not observed" in blind.status.detail
         finally:
             control_plane.start_apiserver()
         await until(observer, lambda o: o.status.ok and nodes_named(o, names), 30,

@@ -41,6 +41,7 @@ from bus.messages import Target, TargetKind
 from runtime.observations import (
     ApiProbe,
     ContainerObs,
+    EventObs,
     NodeCondition,
     NodeObs,
     PodObs,
@@ -73,13 +74,15 @@ NODE_LEASES = Resource(
     "leases", f"/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}/leases")
 REPLICASETS = Resource("replicasets", "/apis/apps/v1/replicasets")
 PODS = Resource("pods", "/api/v1/pods")
-RESOURCES = (NODES, NODE_LEASES, REPLICASETS, PODS)
+EVENTS = Resource("events", "/api/v1/events?fieldSelector=type%3DWarning")
+RESOURCES = (NODES, NODE_LEASES, REPLICASETS, PODS, EVENTS)
 
 DOMAIN_SOURCES: dict[Domain, tuple[str, ...]] = {
     # Heartbeats are part of what a node is shown with, and owners part of a pod: a
     # domain is shown only while every stream it is made from is fresh.
     "nodes": (NODES.name, NODE_LEASES.name),
     "pods": (PODS.name, REPLICASETS.name),
+    "events": (EVENTS.name,),
 }
 
 
@@ -93,6 +96,10 @@ def endpoints(api: client.ApiClient) -> dict[str, ListCall]:
                                             NODE_LEASE_NAMESPACE),
         REPLICASETS.name: apps.list_replica_set_for_all_namespaces,
         PODS.name: core.list_pod_for_all_namespaces,
+        # Normal events are the cluster's chatter (every pull, every start); the
+        # Warnings are the evidence, and a small fraction of them.
+        EVENTS.name: functools.partial(core.list_event_for_all_namespaces,
+                                       field_selector="type=Warning"),
     }
 
 
@@ -204,6 +211,28 @@ def pod_obs(obj: JSON, owner: Target | None) -> PodObs:
                   containers=_containers(states))
 
 
+EVENT_MESSAGE_LIMIT = 300
+"""Characters kept of an event's message: enough to quote, not a channel for pages of text."""
+
+
+def event_obs(obj: JSON) -> EventObs:
+    """A core/v1 Warning Event as evidence."""
+    meta, about = obj["metadata"], obj.get("involvedObject") or {}
+    series = obj.get("series") or {}
+    # Events written through events.k8s.io/v1 leave lastTimestamp empty and count
+    # their repeats in a series.
+    seen = (_time(obj.get("lastTimestamp")) or _time(series.get("lastObservedTime"))
+            or _time(obj.get("eventTime")) or _time(meta.get("creationTimestamp")))
+    message = str(obj.get("message") or "")
+    if len(message) > EVENT_MESSAGE_LIMIT:
+        message = message[:EVENT_MESSAGE_LIMIT - 1] + "…"
+    # A Node's events live in a namespace ("default"), the Node itself in none.
+    return _build(EventObs, namespace=_text(about.get("namespace")),
+                  object=f"{_text(about.get('kind'))}/{about.get('name') or ''}",
+                  reason=_text(obj.get("reason")), message=message,
+                  count=int(obj.get("count") or series.get("count") or 1), last_seen=seen)
+
+
 def controller(obj: JSON) -> tuple[str, str] | None:
     """The kind and name of the object's controlling owner, if it has one."""
     for ref in obj["metadata"].get("ownerReferences") or ():
@@ -215,7 +244,7 @@ def controller(obj: JSON) -> tuple[str, str] | None:
 def key(resource: str, obj: JSON) -> Key:
     """The cache key of an object: its name, or (namespace, name) for namespaced kinds."""
     meta = obj["metadata"]
-    if resource in (PODS.name, REPLICASETS.name):
+    if resource in (PODS.name, REPLICASETS.name, EVENTS.name):
         return _text(meta["namespace"]), str(meta["name"])
     return _text(meta["name"])
 
@@ -226,10 +255,15 @@ def key(resource: str, obj: JSON) -> Key:
 class Cache:
     """What the watches have seen, converted. Watch threads write it; the tick reads it."""
 
+    MAX_EVENTS = 2000
+    """Warning events kept, the most recently seen: an event storm must not grow an agent
+    without bound (the API server keeps an hour of them, which can be a lot)."""
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.nodes: dict[str, NodeObs] = {}
         self.pods: dict[tuple[str, str], PodObs] = {}
+        self.events: dict[tuple[str, str], EventObs] = {}
         self._heartbeats: dict[str, datetime] = {}
         self._deployments: dict[tuple[str, str], str | None] = {}
         # Pods whose ReplicaSet this cache has not seen yet (its watch is a separate
@@ -242,7 +276,15 @@ class Cache:
         with self.lock:
             for obj in objects:
                 keys.add(self._put(resource, obj))
+            if len(self.events) > self.MAX_EVENTS:
+                self._forget_oldest_events()
         return keys
+
+    def _forget_oldest_events(self) -> None:
+        oldest = datetime.min.replace(tzinfo=UTC)
+        ranked = sorted(self.events, key=lambda k: self.events[k].last_seen or oldest)
+        for k in ranked[:len(ranked) - self.MAX_EVENTS]:
+            del self.events[k]
 
     def remove(self, resource: str, keys: Iterable[Key]) -> None:
         """Forget objects that were deleted."""
@@ -259,7 +301,8 @@ class Cache:
     def _keys(self, resource: str) -> set[Key]:
         stores: dict[str, Mapping[Any, object]] = {
             NODES.name: self.nodes, NODE_LEASES.name: self._heartbeats,
-            PODS.name: self.pods, REPLICASETS.name: self._deployments}
+            PODS.name: self.pods, REPLICASETS.name: self._deployments,
+            EVENTS.name: self.events}
         return set(stores[resource])
 
     def _put(self, resource: str, obj: JSON) -> Key:
@@ -274,6 +317,8 @@ class Cache:
                 self._drop(resource, k)
         elif resource == PODS.name:
             self.pods[k] = pod_obs(obj, self._owner(k, controller(obj)))
+        elif resource == EVENTS.name:
+            self.events[k] = event_obs(obj)
         else:
             self._put_replicaset(k, controller(obj))
         return k
@@ -287,6 +332,8 @@ class Cache:
                 self._set_heartbeat(k, None)
         elif resource == PODS.name:
             self.pods.pop(k, None)
+        elif resource == EVENTS.name:
+            self.events.pop(k, None)
         else:
             self._deployments.pop(k, None)
             self._unresolved.pop(k, None)
@@ -468,7 +515,7 @@ class Watcher:
         try:
             if self._resource_version is None:
                 self._list()
-            request += "?watch=1"
+            request += ("&" if "?" in request else "?") + "watch=1"
             if not self._stop.is_set():
                 self._watch_once()
         except Exception as exc:
@@ -662,11 +709,15 @@ class KubernetesObserver:
             if fresh.issuperset(DOMAIN_SOURCES["pods"]):
                 data["pods"] = tuple(self.cache.pods.values())
                 shown.append(f"{len(data['pods'])} pods")
+            if fresh.issuperset(DOMAIN_SOURCES["events"]):
+                data["events"] = tuple(self.cache.events.values())
+                shown.append(f"{len(data['events'])} warning events")
         problems = [f"{name}: the watch thread has died" for name in dead]
         problems += [p for state in states.values() if (p := state.problem(now))]
         withheld = [d for d in DOMAIN_SOURCES if d not in data]
         if withheld:
-            problems.append(f"{' and '.join(withheld)} not observed: no fresh list and watch "
+            names = ", ".join(withheld[:-1]) + " and " if len(withheld) > 1 else ""
+            problems.append(f"{names}{withheld[-1]} not observed: no fresh list and watch "
                             f"within {self.stale_after:g}s")
         lists = ", ".join(f"{name} {state.lists}" for name, state in states.items())
         detail = "; ".join([*problems, *shown, f"lists: {lists}"])
