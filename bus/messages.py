@@ -91,6 +91,10 @@ class Vote(Wire):
     evidence: dict[str, Any] = Field(default_factory=dict)
     observed_at: datetime
     policy_digest: str
+    rationale: str = Field(
+        default="", max_length=2000,
+        description="A voter's argued case in its own words (model-written when it runs a "
+                    "model brain); the verdict never depends on it.")
 
 
 class Decision(Wire):

@@ -33,6 +33,7 @@ class Judgement:
     verdict: Verdict
     reason: str
     evidence: dict[str, object] = field(default_factory=dict)
+    rationale: str = ""
 
 
 Assess = Callable[[Envelope, Proposal], Awaitable[Judgement]]
@@ -167,7 +168,7 @@ class Protocol:
             judgement = Judgement("reject", f"could not assess: {type(exc).__name__}: {exc}")
         body = Vote(verdict=judgement.verdict, reason=judgement.reason,
                     evidence=dict(judgement.evidence), observed_at=datetime.now(UTC),
-                    policy_digest=proposal.policy_digest)
+                    policy_digest=proposal.policy_digest, rationale=judgement.rationale)
         try:
             await self.send("vote", body, repair=repair)
         except BusUnavailableError as exc:

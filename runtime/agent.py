@@ -36,11 +36,17 @@ from bus.journal import Journal
 from runtime import __version__
 from runtime.acting import Actuator, Actuators, DryRunOnly, NoActuatorError, run_actuator
 from runtime.authorizing import authorize
+from runtime.brain.deliberating import Deliberator, thinker_for
 from runtime.cluster.acting import ClientApi, kubernetes_actuators
 from runtime.cluster.observing import KubeconfigError, kubernetes_observer
 from runtime.config import Persona
 from runtime.coordinating import Coordinator, LeaseReleaser
-from runtime.credentials import CredentialError, credential_path, load_signer
+from runtime.credentials import (
+    KUBECONFIG_FILE,
+    CredentialError,
+    credential_path,
+    load_signer,
+)
 from runtime.engine import (
     BreakerReset,
     BreakerTripped,
@@ -53,6 +59,7 @@ from runtime.engine import (
     RepairVerified,
     StepFailed,
 )
+from runtime.hosting import host_actuators
 from runtime.loading import ConfigSet
 from runtime.notifying import Notifier, watchdog_interval
 from runtime.observing import Observing, host_observers
@@ -164,9 +171,11 @@ class Agent:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  wall: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 coordinator: Coordinator | None = None) -> None:
+                 coordinator: Coordinator | None = None,
+                 deliberator: Deliberator | None = None) -> None:
         self.persona = persona
         self.coordinator = coordinator
+        self.deliberator = deliberator
         self.engine = engine
         self.observing = observing
         self.actuators = actuators
@@ -196,6 +205,8 @@ class Agent:
         try:
             return await supervise(roots, stop, grace=self.timing.grace)
         finally:
+            if self.deliberator is not None:
+                self.deliberator.close()
             if self.coordinator is not None:
                 await self.coordinator.close()
 
@@ -290,7 +301,11 @@ class Agent:
                 log.info("intent held", policy=hold.policy, target=hold.target.key,
                          step=hold.step, reason=hold.reason)
         self._holds = {key: hold.reason for key, hold in holds.items()}
-        for intent in evaluation.intents:
+        # A model brain holds new intents back while it deliberates (never awaited
+        # here) and hands them, or its picks, to a later tick.
+        intents = (evaluation.intents if self.deliberator is None
+                   else self.deliberator.decide(evaluation, snapshot))
+        for intent in intents:
             await self._carry_out(intent, report)
 
     async def _carry_out(self, intent: Intent, report: TickReport) -> None:
@@ -351,6 +366,8 @@ class Agent:
         bus = self.coordinator.describe() if self.coordinator is not None else "bus: disabled"
         parts = [f"{head}: {_plural(status.open_findings, 'finding')} open",
                  f"{status.in_flight} in flight", bus, f"k8s: {report.k8s}"]
+        if self.deliberator is not None:
+            parts.append(self.deliberator.status)
         if status.breakers:
             parts.append(f"breaker tripped: {','.join(status.breakers)}")
         if self.errors:
@@ -400,7 +417,7 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
     engine = PolicyEngine(policies, default_quorum=config.fleet.spec.quorum)
     notifier = Notifier.from_env(environ)
     structlog.contextvars.bind_contextvars(persona=persona.name)
-    kubeconfig = credential_path("kubeconfig", persona.name, config.fleet, environ)
+    kubeconfig = credential_path(KUBECONFIG_FILE, persona.name, config.fleet, environ)
     kubernetes = kubernetes_observer(kubeconfig, stale_after=2 * timing.tick)
     clients = [kubernetes] if kubernetes is not None else []
     observers = host_observers(policies, config.fleet, state_dir, clients=clients)
@@ -421,7 +438,8 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
             engine=engine, journal=Journal(state_dir / "journal.jsonl"))
         observers += coordinator.observers()
     observing = Observing(observers, timeout=timing.observe_timeout, host=host)
-    available: dict[str, Actuator] = {}
+    # Host actuators only under systemd: see runtime.hosting.
+    available: dict[str, Actuator] = host_actuators(persona, environ, host=host)
     if kubeconfig.exists():
         try:
             available.update(kubernetes_actuators(ClientApi.from_kubeconfig(kubeconfig), persona))
@@ -431,6 +449,11 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
         coordinator.observing = observing
         available["bus.lease.release"] = LeaseReleaser(coordinator)
     registry = Actuators({**available, **(actuators or {})})
+    deliberator = None
+    if (thinker := thinker_for(config, persona_name, environ)) is not None:
+        deliberator = Deliberator(thinker, engine, wall=lambda: datetime.now(UTC))
+        if coordinator is not None:
+            coordinator.argue = thinker.argue
     log.info("starting", version=__version__, policies=list(persona.spec.policies),
              tick_s=timing.tick, state_dir=str(state_dir), watchdog_s=timing.watchdog,
              notify_socket=notifier.address,
@@ -441,7 +464,8 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
              f"not observed: no usable kubeconfig at {kubeconfig}",
              actuators=sorted(registry.names) or "none: every intent that would act is refused")
     return Agent(persona, engine=engine, observing=observing, actuators=registry,
-                 notifier=notifier, timing=timing, coordinator=coordinator)
+                 notifier=notifier, timing=timing, coordinator=coordinator,
+                 deliberator=deliberator)
 
 
 def serve(config: ConfigSet, persona_name: str, *, state_dir: Path, once: bool = False,

@@ -1,5 +1,6 @@
 """``zeta-agent``: run a persona, check configuration, list personas, render system files,
-watch the bus and audit its history, make keys, and freeze or thaw the fleet.
+watch the bus and audit its history, make keys, freeze or thaw the fleet, and ask a
+persona's model brain about a recorded incident (``think``).
 
 User mistakes (a missing directory, a bad file, an unknown persona) end with a clear
 message on stderr and a non-zero exit, never a traceback. Exit codes: 0 success;
@@ -21,17 +22,31 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TypeAlias, cast
 
+from pydantic import ValidationError
+
 from bus import ids
 from bus.connection import Connection, subject_for
 from bus.envelope import format_time
 from bus.jetstream import AUDIT_STREAM, Settings
 from bus.subjects import PERSONA_NAME
-from runtime import __version__, agent, auditing, logs, operating, permissions, watching
+from runtime import (
+    __version__,
+    agent,
+    auditing,
+    logs,
+    operating,
+    permissions,
+    rendering,
+    watching,
+)
+from runtime.brain import choosing, deliberating
+from runtime.brain.asking import BrainUnavailableError
 from runtime.cluster import rbac
-from runtime.config import DEFAULT_FLEET, Fleet, Persona
+from runtime.config import DEFAULT_FLEET, AnthropicBrain, Fleet, Persona
 from runtime.coordinating import Roster
 from runtime.credentials import seed_file
 from runtime.loading import ConfigError, ConfigInvalidError, ConfigSet, config_paths, load
+from runtime.observations import Snapshot
 
 CONFIG_ENV = "ZETA_CONFIG_DIR"
 DEFAULT_CONFIG_DIR = Path("/etc/zeta")
@@ -344,6 +359,27 @@ def _render_rbac(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_polkit(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    personas = ([p.value for _, p in sorted(config.personas.items())] if args.all
+                else [_persona(config, args.persona, directory)])
+    print(rendering.render_polkit(((p, config.policies_of(p)) for p in personas),
+                                  source=str(directory),
+                                  filename=rendering.polkit_file(args.persona)), end="")
+    return 0
+
+
+def _render_unit(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    persona = _persona(config, args.persona, directory)
+    credentials = args.credentials_dir or Path(config.fleet.spec.credentialsDir)
+    print(rendering.render_unit(persona, credentials_dir=credentials, source=str(directory)),
+          end="")
+    return 0
+
+
 def _control(args: argparse.Namespace) -> int:
     directory = config_dir(args.config_dir)
     config = load_config_dir(directory)
@@ -376,6 +412,75 @@ def _control(args: argparse.Namespace) -> int:
           f"to {', '.join(urls)}")
     print(envelope.to_bytes().decode("utf-8"))
     return 0
+
+
+# ---------------------------------------------------------------- thinking
+
+
+def _think(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    persona = _persona(config, args.persona, directory)
+    try:
+        snapshot = Snapshot.model_validate_json(args.incident.read_bytes())
+    except (OSError, ValidationError) as exc:
+        raise UserError(f"{args.incident}: not an incident (an observation Snapshot as "
+                        f"JSON, see docs/examples/): {exc}") from None
+    brain = persona.spec.brain
+    settings = brain if isinstance(brain, AnthropicBrain) else AnthropicBrain(kind="anthropic")
+    if args.model:
+        settings = settings.model_copy(update={"model": args.model})
+    # Log lines (discards, retries) go to stderr: stdout is the answer, maybe JSON.
+    logs.configure("console", level="warning", stream=sys.stderr)
+    thinker = deliberating.thinker_for(config, persona.name, os.environ, settings=settings)
+    assert thinker is not None  # settings is an AnthropicBrain
+    evaluation = deliberating.replay(snapshot, config.policies_of(persona),
+                                     default_quorum=config.fleet.spec.quorum)
+    pending = choosing.cases(evaluation.intents, thinker.policies, snapshot.host or None)
+    if not pending:
+        print(json.dumps({"candidates": [], "discarded": []}) if args.json else
+              f"no finding awaits a decision in {args.incident} under {persona.name}'s policies")
+        return 0
+    if args.show_prompt:
+        print(thinker.prompt(pending, evaluation.findings, snapshot), file=sys.stderr
+              if args.json else sys.stdout)
+    try:
+        result = asyncio.run(thinker.think(pending, evaluation.findings, snapshot))
+    except BrainUnavailableError as exc:
+        raise UserError(f"the model is unavailable ({exc}); the rules brain would decide",
+                        code=1) from None
+    answer = deliberating.summary(result, pending)
+    if args.json:
+        print(json.dumps(answer, indent=2, default=str))
+        return 0
+    for item in answer["candidates"]:
+        print(f"candidate {item['finding']}: {item['action']} on {item['target']} "
+              f"(step {item['step']} of {item['policy']}): {item['rationale']}")
+    for item in answer["discarded"]:
+        print(f"discarded {item['tool']} ({item['kind']}): {item['reason']}")
+    for item in answer["rules_step_stands"]:
+        print(f"no candidate for {item['finding']}: the rules step stands, {item['action']} on "
+              f"{item['target']} (step {item['step']} of {item['policy']})")
+    return 0
+
+
+def _think_parser(commands: Commands) -> None:
+    think = commands.add_parser(
+        "think", help="ask a persona's model brain about a recorded incident; acts on nothing",
+        description="Render PERSONA's prompt for a recorded observation snapshot, ask the "
+                    "model, and print the validated candidate actions and every discarded "
+                    "tool call with its reason. Nothing is proposed or executed. The key comes "
+                    "from $CREDENTIALS_DIRECTORY/anthropic-api-key or $ANTHROPIC_API_KEY.")
+    think.add_argument("persona", help="the persona's name, e.g. otto")
+    think.add_argument("--incident", type=Path, required=True, metavar="FILE.json",
+                       help="an observation Snapshot as JSON "
+                            "(docs/examples/incident-node-not-ready.json)")
+    think.add_argument("--show-prompt", action="store_true",
+                       help="print the rendered prompt first (to stderr with --json)")
+    think.add_argument("--json", action="store_true", help="machine-readable output")
+    think.add_argument("--model", help="the model, when the persona's brain does not name one")
+    _config_dir_option(think)
+    think.set_defaults(handler=_think)
 
 
 # ---------------------------------------------------------------- parser
@@ -415,15 +520,35 @@ def _render_nats_parser(targets: Commands) -> None:
     nats.set_defaults(handler=_render_nats)
 
 
+def _persona_or_all(command: argparse.ArgumentParser, *, every: str) -> None:
+    which = command.add_mutually_exclusive_group(required=True)
+    which.add_argument("persona", nargs="?", help="the persona's name, e.g. otto")
+    which.add_argument("--all", action="store_true", help=every)
+    _config_dir_option(command)
+
+
 def _render_rbac_parser(targets: Commands) -> None:
     command = targets.add_parser(
         "rbac", help="Kubernetes ClusterRole and ClusterRoleBinding for a persona's user, "
                      "with exactly the verbs its scopes need")
-    which = command.add_mutually_exclusive_group(required=True)
-    which.add_argument("persona", nargs="?", help="the persona's name, e.g. otto")
-    which.add_argument("--all", action="store_true", help="every persona, one after another")
-    _config_dir_option(command)
+    _persona_or_all(command, every="every persona, one after another")
     command.set_defaults(handler=_render_rbac)
+
+
+def _render_host_parsers(targets: Commands) -> None:
+    polkit = targets.add_parser(
+        "polkit", help="polkit rules letting a persona's user start or restart exactly the "
+                       "units its scopes name (and reboot only with host:node:reboot)")
+    _persona_or_all(polkit, every="every persona, in one file")
+    polkit.set_defaults(handler=_render_polkit)
+    unit = targets.add_parser(
+        "unit", help="the drop-in for zeta-agent@PERSONA.service: credentials and limits")
+    unit.add_argument("persona", help="the persona's name, e.g. otto")
+    _config_dir_option(unit)
+    unit.add_argument("--credentials-dir", type=Path, metavar="DIR",
+                      help="where the persona's credentials are, in PERSONA/ "
+                           "(default: the fleet's credentialsDir)")
+    unit.set_defaults(handler=_render_unit)
 
 
 def _keygen_parser(commands: Commands) -> None:
@@ -513,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     sysusers.set_defaults(handler=_render_sysusers)
     _render_nats_parser(targets)
     _render_rbac_parser(targets)
+    _render_host_parsers(targets)
 
     watch = commands.add_parser(
         "watch", help="a live view of the bus: presence, proposals, votes, decisions, results",
@@ -543,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _keygen_parser(commands)
     _control_parsers(commands)
+    _think_parser(commands)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=_version)

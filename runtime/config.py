@@ -67,7 +67,51 @@ Duty = Literal["propose", "vote", "execute", "veto"]
 
 
 class RulesBrain(Model):
+    """Deterministic: the policy engine's escalation ladder decides (the default)."""
+
     kind: Literal["rules"] = "rules"
+
+
+class AnthropicBrain(Model):
+    """A model picks among the ladder's steps; the rules brain decides whenever it cannot.
+
+    Every setting has a default so ``zeta-agent think`` can try a persona whose brain
+    is still ``rules``; the key is never here (``anthropic-api-key`` credential).
+    """
+
+    kind: Literal["anthropic"]
+    model: str = Field(default="claude-sonnet-4-6", min_length=1)
+    prompt: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.j2$",
+        description="Jinja2 template next to the persona file; default <persona>.prompt.j2.")
+    maxTokens: int = Field(default=1024, ge=64, le=32_000)  # noqa: N815
+    timeout: Duration = Field(
+        default=timedelta(seconds=20),
+        description="Deadline of one deliberation, retries and retry-after waits included.")
+    retries: int = Field(default=2, ge=0, le=5,
+                         description="Further attempts after a rate limit, 5xx or lost connection.")
+    observationTokens: int = Field(  # noqa: N815
+        default=4000, ge=200, le=100_000,
+        description="Estimated tokens of observations in the prompt; the rest is left out.")
+    tokenBudgetPerHour: int = Field(  # noqa: N815
+        default=200_000, ge=1000,
+        description="Input plus output tokens per trailing hour; over it, rules only.")
+
+    @field_validator("timeout")
+    @classmethod
+    def _bounded(cls, timeout: timedelta) -> timedelta:
+        # A deliberation holds its findings' repairs back; past a minute the rules
+        # brain's answer is worth more than a late model's.
+        if not timedelta(seconds=1) <= timeout <= timedelta(seconds=60):
+            raise ValueError("timeout must be between 1s and 60s")
+        return timeout
+
+    def template(self, persona: str) -> str:
+        """The prompt template's file name."""
+        return self.prompt or f"{persona}.prompt.j2"
+
+
+Brain = Annotated[RulesBrain | AnthropicBrain, Field(discriminator="kind")]
 
 
 class PersonaSpec(Model):
@@ -80,7 +124,7 @@ class PersonaSpec(Model):
     duties: tuple[Duty, ...] = Field(min_length=1)
     policies: tuple[PolicyName, ...] = ()
     tick: Duration = timedelta(seconds=15)
-    brain: RulesBrain = RulesBrain()
+    brain: Brain = RulesBrain()
 
     @field_validator("tier")
     @classmethod

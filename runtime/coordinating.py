@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import typing
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -64,6 +65,12 @@ from runtime.observing import Domain, Observed, Observing
 log = structlog.get_logger("coordinator")
 
 HEARTBEAT_EVERY = 5.0
+
+
+class Argue(typing.Protocol):
+    async def __call__(self, proposal: Proposal, verdict: str, reason: str, *,
+                       within: float) -> str: ...
+
 _BUS_ERRORS = (BusUnavailableError, NatsError, JetStreamError, OSError, TimeoutError)
 
 
@@ -121,6 +128,9 @@ class Coordinator:
         # Set by the agent once it has built its Observing (which includes this
         # coordinator's own peers and leases observers).
         self.observing: Observing | None = None
+        # Set by the agent when the persona runs a model brain: puts a vote's verdict
+        # into the persona's own words (Thinker.argue). The verdict stays deterministic.
+        self.argue: Argue | None = None
         self.kv: KeyValue | None = None
         self.problems: list[str] = []
         self.frozen: Control | None = None
@@ -335,7 +345,8 @@ class Coordinator:
             destructive=intent.destructive,
             quorum=QuorumRule(approvals=intent.quorum.approvals, veto=intent.quorum.veto,
                               deadline=now + intent.quorum.deadline),
-            summary=intent.finding.summary, evidence=dict(intent.finding.evidence))
+            summary=intent.finding.summary, evidence=dict(intent.finding.evidence),
+            rationale=intent.rationale)
 
     async def _quorum_flow(self, intent: Intent, actuator: Actuator) -> None:
         if (reason := self.refusal()) is not None:
@@ -439,7 +450,14 @@ class Coordinator:
         verdict, reason, evidence = await self._judge(envelope, proposal)
         if verdict == "reject" and "veto" in self.persona.spec.duties:
             verdict = "block"
-        return Judgement(verdict, reason, evidence)  # type: ignore[arg-type]
+        rationale = ""
+        if self.argue is not None:
+            # Words only, after the verdict is fixed; half the time left keeps the
+            # vote itself inside the quorum deadline.
+            left = (proposal.quorum.deadline - datetime.now(UTC)).total_seconds() / 2
+            if left > 0:
+                rationale = await self.argue(proposal, verdict, reason, within=left)
+        return Judgement(verdict, reason, evidence, rationale)  # type: ignore[arg-type]
 
     async def _judge(self, envelope: Envelope,
                      proposal: Proposal) -> tuple[str, str, dict[str, object]]:

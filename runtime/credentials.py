@@ -16,6 +16,10 @@ from bus.keys import Signer, generate_user_seed
 from runtime.config import Fleet, Persona
 
 SEED_FILE = "nkey.seed"
+KUBECONFIG_FILE = "kubeconfig"
+ANTHROPIC_KEY_FILE = "anthropic-api-key"
+OPTIONAL_FILES = (KUBECONFIG_FILE, ANTHROPIC_KEY_FILE)
+"""Credentials a persona may have besides its seed (``zeta-agent render unit`` lists them)."""
 
 
 class CredentialError(Exception):

@@ -142,6 +142,9 @@ class Intent:
     dry_run: bool
     finding: Finding
     offered_at: datetime
+    # Why this step: empty from the rules brain (the policy is the reason), the
+    # model's words when a brain picked it. Travels in the proposal.
+    rationale: str = ""
 
 
 @dataclass(frozen=True)
@@ -507,7 +510,7 @@ class PolicyEngine:
         return None
 
     def _make_intent(self, state: _PolicyState, ladder: _Ladder, target: Target,
-                     at: datetime) -> Intent:
+                     at: datetime, rationale: str = "") -> Intent:
         key = ladder.finding.target.key
         remedy = state.policy.spec.remedies[ladder.step]
         count = state.offers[key] = state.offers.get(key, 0) + 1
@@ -526,6 +529,7 @@ class PolicyEngine:
             dry_run=state.policy.spec.mode == "dry-run",
             finding=ladder.finding,
             offered_at=at,
+            rationale=rationale,
         )
         ladder.phase, ladder.intent, ladder.not_before = _Phase.OFFERED, intent, None
         self._outstanding[intent.id] = (state, key)
@@ -588,6 +592,25 @@ class PolicyEngine:
         else:
             ladder.phase, ladder.finished_at = _Phase.VERIFYING, at
             ladder.deadline = at + intent.remedy.verify.within
+
+    def substitute(self, intent_id: str, *, step: int, target: Target, rationale: str,
+                   at: datetime) -> Intent | str:
+        """Replace an offered intent with another step of its ladder (a brain's pick).
+
+        The offer's budget slot carries over (it was counted when offered); a step
+        that is destructive where the offered one was not meets the breaker here.
+        Returns the new intent, or why the step may not be offered (the old one
+        then stays offered). Later steps of the ladder follow the chosen one.
+        """
+        state, _, ladder = self._answer(intent_id, _Phase.OFFERED)
+        remedies = state.policy.spec.remedies
+        if not 0 <= step < len(remedies):
+            raise IntentReportError(f"{state.name} has no step {step}")
+        if remedies[step].is_destructive and state.breaker is not None:
+            return f"{state.breaker.reason}; destructive repairs wait for a reset"
+        del self._outstanding[intent_id]
+        ladder.step = step
+        return self._make_intent(state, ladder, target, at, rationale)
 
     def refused(self, intent_id: str, at: datetime, reason: str, *,
                 retry_after: timedelta | None = None) -> None:

@@ -21,7 +21,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from runtime.config import DEFAULT_FLEET, KINDS, Fleet, Persona, RepairPolicy
+from runtime.brain.prompting import check_template
+from runtime.config import DEFAULT_FLEET, KINDS, AnthropicBrain, Fleet, Persona, RepairPolicy
 
 
 @dataclass(frozen=True, order=True)
@@ -124,11 +125,12 @@ def _present_path(node: Any, loc: Sequence[str | int]) -> list[str | int]:
 
 
 def _union_tags() -> set[str]:
-    from runtime.config import Detect  # noqa: PLC0415 (only needed when reporting errors)
+    from runtime.config import Brain, Detect  # noqa: PLC0415 (only needed when reporting errors)
 
     return {
         typing.get_args(m.model_fields["kind"].annotation)[0]
-        for m in typing.get_args(typing.get_args(Detect)[0])
+        for union in (Detect, Brain)
+        for m in typing.get_args(typing.get_args(union)[0])
     }
 
 
@@ -315,6 +317,18 @@ def _cross_check(config: ConfigSet) -> None:
                         f"veto names persona {name!r}, which is not defined"))
 
 
+def _check_prompts(config: ConfigSet) -> None:
+    """A model brain's templates must exist next to the persona file and parse."""
+    for persona in config.personas.values():
+        brain = persona.value.spec.brain
+        if isinstance(brain, AnthropicBrain):
+            template = Path(persona.file).parent / brain.template(persona.value.name)
+            if (problem := check_template(template)) is not None:
+                config.errors.append(ConfigError(
+                    persona.file, persona.line_of("spec", "brain", "prompt"),
+                    "spec.brain.prompt", problem))
+
+
 def config_paths(directory: Path) -> list[Path]:
     """What a config directory holds: ``personas/``, ``policies/`` and an optional fleet.yaml.
 
@@ -354,6 +368,7 @@ def load(paths: Iterable[Path], *, strict: bool = True) -> ConfigSet:
     for path in yaml_files(p for p in paths if p.exists()):
         load_file(path, config)
     _cross_check(config)
+    _check_prompts(config)
     if strict and config.errors:
         raise ConfigInvalidError(config.errors)
     return config

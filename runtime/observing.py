@@ -156,11 +156,16 @@ def watched_units(policies: Iterable[RepairPolicy]) -> tuple[str, ...]:
 UNIT_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "NRestarts")
 
 
+def show_properties(text: str) -> list[dict[str, str]]:
+    """``systemctl show`` output as one dict of properties per unit (blank-line-separated)."""
+    return [dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+            for block in text.strip().split("\n\n")]
+
+
 def parse_show(text: str) -> tuple[UnitObs, ...]:
     """Parse ``systemctl show --property=…`` output: one blank-line-separated block per unit."""
     units = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+    for fields in show_properties(text):
         if not fields.get("Id"):
             continue
         restarts = fields.get("NRestarts", "")

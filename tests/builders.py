@@ -11,9 +11,9 @@ from typing import Any
 
 from bus.messages import Target
 from runtime.acting import Fence, Outcome
-from runtime.catalog import REPAIR_ANNOTATION
-from runtime.config import Persona, RepairPolicy
-from runtime.engine import Intent
+from runtime.catalog import REPAIR_ANNOTATION, Params, lookup
+from runtime.config import Persona, Remedy, RepairPolicy
+from runtime.engine import Finding, Intent
 from runtime.observations import (
     ApiProbe,
     ContainerObs,
@@ -130,3 +130,20 @@ class RecordingActuator:
         if self.outcome is None:
             raise RuntimeError("actuator exploded")
         return self.outcome
+
+
+def intent(action: str, target: Target, params: Params | None = None, *, dry_run: bool = False,
+           evidence: Mapping[str, Any] | None = None) -> Intent:
+    """An authorized intent for ``action`` on ``target``, as the engine would offer it."""
+    entry = lookup(action)
+    finding = Finding(policy="p", target=target, since=T0, summary="test",
+                      evidence=dict(evidence or {}))
+    return Intent(id=f"p:{target.key}:0:1", policy="p", policy_digest="0" * 64, target=target,
+                  step=0, remedy=Remedy(action=action), action=entry,
+                  params=params or entry.params(), destructive=entry.destructive, quorum=None,
+                  dry_run=dry_run, finding=finding, offered_at=T0)
+
+
+async def stale() -> bool:
+    """The fence of an executor whose lease has moved on."""
+    return False

@@ -136,7 +136,7 @@ def test_a_minimal_persona_gets_its_tier_and_defaults() -> None:
         ({"tier": "custody"}, "tier 'custody' is never granted to a daemon"),
         ({"tier": "human-gated"}, "tier 'human-gated' is never granted to a daemon"),
         ({"tier": "root"}, "Input should be 'observe', 'journal'"),
-        ({"brain": {"kind": "anthropic"}}, "Input should be 'rules'"),
+        ({"brain": {"kind": "oracle"}}, "does not match any of the expected tags"),
     ],
 )
 def test_inconsistent_personas_are_refused(spec: dict[str, Any], message: str) -> None:

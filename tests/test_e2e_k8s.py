@@ -372,8 +372,10 @@ async def test_a_dead_node_is_cordoned_drained_under_its_pdb_then_uncordoned_by_
             results
     drained, _ = _of(audit, "result", "k8s.node.drain")
     assert f"evicted 1 pods ({k8s_namespace}/{doomed})" in drained["body"]["detail"]
-    uncordons = [m for m in _of(audit, "result", "k8s.node.uncordon")]
-    assert [(m["from"], m["body"]["outcome"]) for m in uncordons] == [("vera", "succeeded")]
+    uncordons = [(m["from"], m["body"]["outcome"])
+                 for m in _of(audit, "result", "k8s.node.uncordon")]
+    # Its verification may or may not be in the stream yet when the audit is read.
+    assert uncordons in ([("vera", "succeeded")], [("vera", "succeeded"), ("vera", "verified")])
     evictions = [e for e in fleet.kubernetes_changes()
                  if e["call"].startswith("create pods/eviction")]
     assert [e["persona"] for e in evictions] == ["otto"], evictions

@@ -33,9 +33,7 @@ from runtime.catalog import (
     PERSONA_ANNOTATION,
     REPAIR_ANNOTATION,
     DrainParams,
-    Params,
     PodDeleteParams,
-    lookup,
 )
 from runtime.cluster.acting import (
     CONFLICT_ATTEMPTS,
@@ -59,24 +57,11 @@ from runtime.cluster.acting import (
 from runtime.cluster.controlplane import ControlPlane
 from runtime.cluster.nodesim import NodeSimulator
 from runtime.cluster.observing import KubeconfigError
-from runtime.config import Remedy
-from runtime.engine import Finding, Intent
-from tests.builders import T0, persona
+from runtime.engine import Intent
+from tests.builders import intent, persona, stale
 from tests.k8s import NOBODY, admin_api
 
 SERVER = "https://fake.invalid:6443"
-
-
-def intent(action: str, target: Target, params: Params | None = None, *, dry_run: bool = False,
-           evidence: Mapping[str, Any] | None = None) -> Intent:
-    """An authorized intent for ``action`` on ``target``, as the engine would offer it."""
-    entry = lookup(action)
-    finding = Finding(policy="p", target=target, since=T0, summary="test",
-                      evidence=dict(evidence or {}))
-    return Intent(id=f"p:{target.key}:0:1", policy="p", policy_digest="0" * 64, target=target,
-                  step=0, remedy=Remedy(action=action), action=entry,
-                  params=params or entry.params(), destructive=entry.destructive, quorum=None,
-                  dry_run=dry_run, finding=finding, offered_at=T0)
 
 
 def node(name: str) -> Target:
@@ -85,10 +70,6 @@ def node(name: str) -> Target:
 
 def drain_params(seconds: float) -> DrainParams:
     return DrainParams(timeout=timedelta(seconds=seconds))
-
-
-async def stale() -> bool:
-    return False
 
 
 # ---------------------------------------------------------------- the fake API

@@ -41,8 +41,9 @@ from runtime.config import Persona
 from runtime.engine import Intent
 from runtime.loading import ConfigSet, config_paths, load
 from runtime.scopes import VOCABULARY, allows
+from tests.builders import intent
 from tests.k8s import admin_api
-from tests.test_k8s_acting import intent, labelled, wait_for
+from tests.test_k8s_acting import labelled, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED: ConfigSet = load(config_paths(REPO))

@@ -51,7 +51,7 @@ def test_every_message_gets_one_line_saying_what_it_says() -> None:
         "06:00:00 otto finding opened: node-not-ready on node.worker-1: node worker-1 "
         "Ready=Unknown for 3m",
         f"06:00:01 {REPAIR} otto proposes k8s.node.cordon on node.worker-1 (node-not-ready "
-        "step 1, destructive; 3 approvals, veto riven by 06:00:31): node worker-1 "
+        "step 0, destructive; 3 approvals, veto riven by 06:00:31): node worker-1 "
         "Ready=Unknown for 3m",
         f"06:00:01 {REPAIR} alexa votes approve: confirmed from cp-2: kubelet on worker-1 "
         "not answering  [pending: 2/3 approvals so far]",
