@@ -357,7 +357,10 @@ class ControlPlane:
                 "--initial-advertise-peer-urls", self._peer_url,
                 "--initial-cluster", f"zeta={self._peer_url}",
                 # A test cluster need not survive power loss; fsync dominates its latency.
-                "--unsafe-no-fsync", "--log-level", "warn"]
+                "--unsafe-no-fsync",
+                # Above the 2 GiB default, which a benchmark's 150,000 pods and their
+                # revisions between compactions could fill: etcd then refuses every write.
+                "--quota-backend-bytes=8589934592", "--log-level", "warn"]
 
     def _apiserver_args(self, apiserver: Path) -> list[str]:
         pki = self.pki

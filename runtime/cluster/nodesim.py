@@ -61,8 +61,8 @@ RETRY_AFTER = 5.0
 WATCH_TIMEOUT = 300
 RECONNECT = 1.0
 LIST_PAGE = 500
-_NODE_IPS = ipaddress.IPv4Address("172.16.0.1")
-_POD_IPS = ipaddress.IPv4Address("10.64.0.1")
+FIRST_NODE_IP = ipaddress.IPv4Address("172.16.0.1")
+FIRST_POD_IP = ipaddress.IPv4Address("10.64.0.1")
 _NOT_READY = "node.kubernetes.io/not-ready"
 NODES_USABLE = 90.0  # an upper bound, not a delay: two busy cores can slow the controller a lot
 NODES_USABLE_PER_SECOND = 20.0
@@ -243,6 +243,93 @@ def _required_node_names(spec: Obj) -> set[str] | None:
     return names if restricted else None
 
 
+# ---------------------------------------------------------------- what a kubelet writes
+#
+# Shared by the simulator and by callers that make a cluster's objects exist without
+# simulating them (bench/observer.py --population static).
+
+
+def node_labels(name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The labels a simulated node is registered with, plus ``extra``."""
+    return {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+            SIMULATED_LABEL: "true", **(extra or {})}
+
+
+def register_node(api: JsonApi, name: str, labels: Mapping[str, str], ip: str,
+                  taints: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Create a Node as its kubelet registers it (Ready, no pressure, room for 110 pods)
+    and its Lease in ``kube-node-lease``, renewed now."""
+    now = _now()
+    body = {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "spec": {"taints": [dict(t) for t in taints]} if taints else {},
+        "status": {
+            "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110"},
+            "allocatable": {"cpu": "8", "memory": "31Gi", "pods": "110"},
+            "conditions": _node_conditions(now, transition=now, ready=True),
+            "addresses": [{"type": "InternalIP", "address": ip},
+                          {"type": "Hostname", "address": name}],
+            "nodeInfo": {"kubeletVersion": KUBELET_VERSION, "operatingSystem": "linux",
+                         "architecture": "amd64", "containerRuntimeVersion": "simulated://1",
+                         "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "",
+                         "osImage": "zeta node simulator", "kubeProxyVersion": ""},
+        },
+    }
+    created = api.call("POST", "/api/v1/nodes", body=body)
+    api.call("POST", f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases", body={
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "namespace": LEASE_NAMESPACE, "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Node", "name": name,
+             "uid": created["metadata"]["uid"]}]},
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
+                 "renewTime": _micro_now()}})
+
+
+def post_node_status(api: JsonApi, name: str, *, ready: bool, transition: bool) -> None:
+    """Patch the node's conditions as its kubelet posts them: ``Ready`` True or False
+    (the kubelet runs but, say, its container runtime is down), no pressure.
+    ``transition`` sets lastTransitionTime to now; otherwise it is kept."""
+    now = _now()
+    api.call("PATCH", f"/api/v1/nodes/{name}/status", patch=True, body={"status": {
+        "conditions": _node_conditions(now, transition=now if transition else None,
+                                       ready=ready)}})
+
+
+def _node_conditions(now: str, *, transition: str | None, ready: bool) -> list[Obj]:
+    """``transition`` None keeps the existing lastTransitionTime (a strategic merge by
+    condition type)."""
+    conditions = [("Ready", "True", "KubeletReady", "kubelet is posting ready status")
+                  if ready else
+                  ("Ready", "False", "KubeletNotReady", "container runtime is down"),
+                  ("MemoryPressure", "False", "KubeletHasSufficientMemory", ""),
+                  ("DiskPressure", "False", "KubeletHasNoDiskPressure", ""),
+                  ("PIDPressure", "False", "KubeletHasSufficientPID", "")]
+    out = []
+    for kind, status, reason, message in conditions:
+        condition = {"type": kind, "status": status, "reason": reason, "message": message,
+                     "lastHeartbeatTime": now}
+        if transition is not None:
+            condition["lastTransitionTime"] = transition
+        out.append(condition)
+    return out
+
+
+def running_status(containers: Iterable[tuple[str, str]], *, host_ip: str, pod_ip: str,
+                   now: str | None = None) -> Obj:
+    """A pod's status once its kubelet has started every container (``(name, image)``)
+    and each is ready, at ``now`` (default: now): for a patch of the ``status``
+    subresource."""
+    now = now or _now()
+    statuses = [{"name": name, "image": image, "imageID": "", "ready": True, "started": True,
+                 "restartCount": 0, "containerID": f"simulated://{uuid.uuid4().hex}",
+                 "state": {"running": {"startedAt": now}, "waiting": None, "terminated": None}}
+                for name, image in containers]
+    return {"phase": "Running", "startTime": now, "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+            "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
+            "conditions": _pod_conditions(now, ready=True), "containerStatuses": statuses}
+
+
 # ---------------------------------------------------------------- the simulator
 
 
@@ -278,8 +365,8 @@ class NodeSimulator:
         self._issued: dict[tuple[str, str], float] = {}  # (uid, action) -> when asked
         self._status_posted: dict[str, float] = {}
         self._started: dict[str, tuple[str, str]] = {}  # uid -> (pod IP, start time)
-        self._node_ips = itertools.count(int(_NODE_IPS))
-        self._pod_ips = itertools.count(int(_POD_IPS))
+        self._node_ips = itertools.count(int(FIRST_NODE_IP))
+        self._pod_ips = itertools.count(int(FIRST_POD_IP))
         self._node_counter = itertools.count()
 
     # ------------------------------------------------------------ lifecycle
@@ -349,9 +436,7 @@ class NodeSimulator:
         created = []
         for _ in range(count):
             name = f"{prefix}-{next(self._node_counter)}"
-            created.append(_Node(name, {"kubernetes.io/hostname": name,
-                                        "kubernetes.io/os": "linux",
-                                        SIMULATED_LABEL: "true", **(labels or {})},
+            created.append(_Node(name, node_labels(name, labels),
                                  str(ipaddress.IPv4Address(next(self._node_ips))),
                                  taints=[dict(t) for t in taints]))
         with self._lock:
@@ -381,52 +466,8 @@ class NodeSimulator:
                                    f"{timeout:g}s: {', '.join(waiting[:5])}")
 
     def _register(self, node: _Node) -> None:
-        now = _now()
-        body = {
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": node.name, "labels": node.labels},
-            "spec": {"taints": node.taints} if node.taints else {},
-            "status": {
-                "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110"},
-                "allocatable": {"cpu": "8", "memory": "31Gi", "pods": "110"},
-                "conditions": self._conditions(now, transition=now),
-                "addresses": [{"type": "InternalIP", "address": node.ip},
-                              {"type": "Hostname", "address": node.name}],
-                "nodeInfo": {"kubeletVersion": KUBELET_VERSION, "operatingSystem": "linux",
-                             "architecture": "amd64", "containerRuntimeVersion": "simulated://1",
-                             "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "",
-                             "osImage": "zeta node simulator", "kubeProxyVersion": ""},
-            },
-        }
-        created = self._api.call("POST", "/api/v1/nodes", body=body)
-        self._api.call("POST", f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases",
-                       body=self._lease(node.name, created["metadata"]["uid"]))
+        register_node(self._api, node.name, node.labels, node.ip, node.taints)
         self._status_posted[node.name] = time.monotonic()
-
-    @staticmethod
-    def _lease(name: str, node_uid: str) -> Obj:
-        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": name, "namespace": LEASE_NAMESPACE, "ownerReferences": [
-                    {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}]},
-                "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
-                         "renewTime": _micro_now()}}
-
-    @staticmethod
-    def _conditions(now: str, *, transition: str | None) -> list[Obj]:
-        """The kubelet's conditions: Ready, no pressure. ``transition`` None keeps the
-        existing lastTransitionTime (a strategic merge by condition type)."""
-        conditions = [("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
-                      ("MemoryPressure", "False", "KubeletHasSufficientMemory", ""),
-                      ("DiskPressure", "False", "KubeletHasNoDiskPressure", ""),
-                      ("PIDPressure", "False", "KubeletHasSufficientPID", "")]
-        out = []
-        for kind, status, reason, message in conditions:
-            condition = {"type": kind, "status": status, "reason": reason, "message": message,
-                         "lastHeartbeatTime": now}
-            if transition is not None:
-                condition["lastTransitionTime"] = transition
-            out.append(condition)
-        return out
 
     def stop_heartbeats(self, node: str) -> None:
         """The node's kubelet dies: no Lease renewals, no status, no pod starts or deletions."""
@@ -451,11 +492,8 @@ class NodeSimulator:
                        body={"spec": {"renewTime": _micro_now(), "holderIdentity": name}})
 
     def _post_status(self, name: str, transition: bool) -> None:
-        now = _now()
         self._status_posted[name] = time.monotonic()
-        self._api.call("PATCH", f"/api/v1/nodes/{name}/status", patch=True, body={
-            "status": {"conditions": self._conditions(now, transition=now if transition
-                                                       else None)}})
+        post_node_status(self._api, name, ready=True, transition=transition)
 
     def _on_node(self, kind: str, obj: Obj) -> None:
         name = obj["metadata"]["name"]
@@ -591,15 +629,8 @@ class NodeSimulator:
             # the API server merges pod IP lists and refuses two IPs of one family.
             ip, now = self._started.setdefault(
                 pod.uid, (str(ipaddress.IPv4Address(next(self._pod_ips))), _now()))
-        statuses = [{"name": name, "image": image, "imageID": "", "ready": True, "started": True,
-                     "restartCount": 0, "containerID": f"simulated://{uuid.uuid4().hex}",
-                     "state": {"running": {"startedAt": now}, "waiting": None,
-                               "terminated": None}}
-                    for name, image in pod.containers]
-        self._patch_pod_status(pod, {
-            "phase": "Running", "startTime": now, "hostIP": node.ip,
-            "hostIPs": [{"ip": node.ip}], "podIP": ip, "podIPs": [{"ip": ip}],
-            "conditions": _pod_conditions(now, ready=True), "containerStatuses": statuses})
+        self._patch_pod_status(pod, running_status(pod.containers, host_ip=node.ip, pod_ip=ip,
+                                                   now=now))
 
     def _crash(self, pod: _Pod, restarts: int) -> None:
         now = _now()
