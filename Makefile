@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 test: lint typecheck imports pytest
 
 lab: $(STAMP)
-	$(BIN)/python -m runtime.lab $(LAB_ARGS)
+	$(BIN)/zeta-agent lab $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

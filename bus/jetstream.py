@@ -54,6 +54,9 @@ def bucket_config(settings: Settings) -> KeyValueConfig:
         # A lease nobody released disappears after this long even if no agent
         # sweeps it; the stale-lease policy normally releases it much sooner.
         ttl=settings.lease_ttl.total_seconds(),
+        # Reads go to the stream leader, never a replica's own copy: the fencing check
+        # must fail on a host cut off from the leader, not answer from a stale copy.
+        direct=False,
     )
 
 
@@ -94,4 +97,7 @@ async def ensure(js: JetStreamContext, settings: Settings) -> list[str]:
         replicas = status.stream_info.config.num_replicas
         if replicas != settings.replicas:
             problems.append(f"{LEASES_BUCKET} replicas is {replicas}, expected {settings.replicas}")
+        if status.stream_info.config.allow_direct:
+            problems.append(f"{LEASES_BUCKET} allows direct gets: a replica cut off from the "
+                            "leader could answer a fencing check from a stale copy")
     return problems

@@ -23,6 +23,8 @@ python3Packages.buildPythonApplication {
     python3Packages.ruamel-yaml
     python3Packages.urllib3
     python3Packages.pynacl
+    python3Packages.prometheus-client
+    python3Packages.rich
   ];
 
   postInstall = ''

@@ -1,8 +1,10 @@
 """Actuators: the code that changes the world, one per catalog action, behind one interface.
 
 The agent only ever reaches an actuator through ``Actuators.lookup`` after the intent
-was authorized. No real actuator exists yet (the Kubernetes and out-of-band issues add
-them): an action without one is refused, saying so, rather than reported as done.
+was authorized. The Kubernetes actuators live in ``runtime.cluster.acting``, the host
+ones (systemd) in ``runtime.hosting``, the bus's in ``runtime.coordinating``; here are
+the interface, the registry and ``bus.escalate``. An action without an actuator on
+this host is refused, saying so, rather than reported as done.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-from runtime.catalog import lookup
+from runtime.catalog import EscalateParams, lookup
 from runtime.engine import Intent
 
 
@@ -86,6 +88,27 @@ class DryRunOnly:
             return Outcome(ok=False, detail=f"no actuator for {intent.action.name}")
         return Outcome(ok=True, detail=f"dry-run: {intent.action.name} on {intent.target.key} "
                                        "would run now; nothing was called")
+
+
+class Escalate:
+    """``bus.escalate``: hand the finding to people, on the record.
+
+    The escalation is the repair's signed result on the bus (audited like every
+    result, shown by ``zeta-agent watch`` and ``nats sub 'zeta.>'``, counted in
+    ``zeta_agent_executions_total{action="bus.escalate"}``): that is what the humans
+    watch and alert on. It changes nothing else, so it never fails.
+    """
+
+    async def run(self, intent: Intent, *, repair: str, dry_run: bool, fence: Fence) -> Outcome:
+        assert isinstance(intent.params, EscalateParams)
+        message = intent.params.message or "the policy's steps are exhausted"
+        said = (f"{message} (finding: {intent.finding.summary}; policy {intent.policy}, "
+                f"step {intent.step})")
+        if dry_run:
+            return Outcome(ok=True, detail=f"dry-run: would escalate to people: {said}")
+        structlog.get_logger().warning("escalated to people", message=message,
+                                       target=intent.target.key, policy=intent.policy)
+        return Outcome(ok=True, detail=f"escalated to people: {said}")
 
 
 async def run_actuator(actuator: Actuator, intent: Intent, repair: str,

@@ -34,7 +34,14 @@ from bus.connection import Connection
 from bus.ids import new_id
 from bus.journal import Journal
 from runtime import __version__
-from runtime.acting import Actuator, Actuators, DryRunOnly, NoActuatorError, run_actuator
+from runtime.acting import (
+    Actuator,
+    Actuators,
+    DryRunOnly,
+    Escalate,
+    NoActuatorError,
+    run_actuator,
+)
 from runtime.authorizing import authorize
 from runtime.brain.deliberating import Deliberator, thinker_for
 from runtime.cluster.acting import ClientApi, kubernetes_actuators
@@ -50,6 +57,7 @@ from runtime.credentials import (
 from runtime.engine import (
     BreakerReset,
     BreakerTripped,
+    EngineStatus,
     Event,
     FindingCleared,
     FindingOpened,
@@ -61,6 +69,8 @@ from runtime.engine import (
 )
 from runtime.hosting import host_actuators
 from runtime.loading import ConfigSet
+from runtime.metrics import Metrics
+from runtime.metrics import start as start_metrics
 from runtime.notifying import Notifier, watchdog_interval
 from runtime.observing import Observing, host_observers
 
@@ -172,8 +182,10 @@ class Agent:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  wall: Callable[[], datetime] = lambda: datetime.now(UTC),
                  coordinator: Coordinator | None = None,
-                 deliberator: Deliberator | None = None) -> None:
+                 deliberator: Deliberator | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.persona = persona
+        self.metrics = metrics or Metrics.of(persona)
         self.coordinator = coordinator
         self.deliberator = deliberator
         self.engine = engine
@@ -262,13 +274,16 @@ class Agent:
             error = exc
             self.errors += 1
         self._last_tick_done = self._clock()
+        engine_status = self.engine.status()
+        self.metrics.tick(self._last_tick_done - started, failed=error is not None)
+        self.metrics.engine_state(self.engine.open_findings(), engine_status.breakers)
         fields = {**vars(report), "duration_ms": round((self._last_tick_done - started) * 1000),
                   "errors": int(error is not None), "errors_total": self.errors}
         if error is None:
             log.info("tick", **fields)
         else:
             log.error("tick", **fields, exc_info=error)
-        status = self._status_line(report, error)
+        status = self._status_line(report, engine_status, error)
         self.notifier.status(status)
         if self.coordinator is not None:
             self.coordinator.ticks, self.coordinator.status_text = self.ticks, status
@@ -315,6 +330,14 @@ class Agent:
                        else "no bus identity: this agent cannot take part in a quorum")
         verdict = authorize(self.persona, intent, bus_connected=bus_refusal is None,
                             frozen=False)
+        if "execute" not in self.persona.spec.duties:
+            # A voter runs the policies to know what executors will propose and to judge
+            # it; carrying out the remedies is not its duty, so this is no refusal worth
+            # a warning (or a count) every time the engine offers the step again.
+            self.engine.refused(intent.id, self._wall(), verdict.reason)
+            report.holds += 1
+            log.debug("intent left to the executors", **context)
+            return
         reason: str | None = None
         if not verdict.allowed:
             # authorize() only knows "bus down"; say what exactly is wrong with it.
@@ -354,13 +377,14 @@ class Agent:
             # No bus: the repair id exists only in this agent's log.
             outcome = await run_actuator(actuator, intent, new_id())
         self.engine.finished(intent.id, self._wall(), ok=outcome.ok, detail=outcome.detail)
+        self.metrics.execution(intent.action.name, ok=outcome.ok)
         if not outcome.ok:
             report.failed += 1
         (log.info if outcome.ok else log.warning)(
             "action finished", **context, ok=outcome.ok, detail=outcome.detail)
 
-    def _status_line(self, report: TickReport, error: Exception | None) -> str:
-        status = self.engine.status()
+    def _status_line(self, report: TickReport, status: EngineStatus,
+                     error: Exception | None) -> str:
         head = (f"tick {report.tick}" if error is None
                 else f"tick {report.tick} failed ({type(error).__name__})")
         bus = self.coordinator.describe() if self.coordinator is not None else "bus: disabled"
@@ -415,6 +439,7 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
                     watchdog=interval.total_seconds() / 2 if interval else None)
     host = host or socket.gethostname()
     engine = PolicyEngine(policies, default_quorum=config.fleet.spec.quorum)
+    metrics = Metrics.of(persona)
     notifier = Notifier.from_env(environ)
     structlog.contextvars.bind_contextvars(persona=persona.name)
     kubeconfig = credential_path(KUBECONFIG_FILE, persona.name, config.fleet, environ)
@@ -435,11 +460,12 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
             persona=persona, config=config, signer=signer, host=host,
             connection=Connection(urls, name=f"zeta-agent@{persona.name}", seed=signer.seed,
                                   inbox_prefix=subjects.inbox(persona.name)),
-            engine=engine, journal=Journal(state_dir / "journal.jsonl"))
+            engine=engine, journal=Journal(state_dir / "journal.jsonl"), metrics=metrics)
         observers += coordinator.observers()
     observing = Observing(observers, timeout=timing.observe_timeout, host=host)
     # Host actuators only under systemd: see runtime.hosting.
-    available: dict[str, Actuator] = host_actuators(persona, environ, host=host)
+    available: dict[str, Actuator] = {"bus.escalate": Escalate(),
+                                      **host_actuators(persona, environ, host=host)}
     if kubeconfig.exists():
         try:
             available.update(kubernetes_actuators(ClientApi.from_kubeconfig(kubeconfig), persona))
@@ -450,7 +476,7 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
         available["bus.lease.release"] = LeaseReleaser(coordinator)
     registry = Actuators({**available, **(actuators or {})})
     deliberator = None
-    if (thinker := thinker_for(config, persona_name, environ)) is not None:
+    if (thinker := thinker_for(config, persona_name, environ, metrics=metrics)) is not None:
         deliberator = Deliberator(thinker, engine, wall=lambda: datetime.now(UTC))
         if coordinator is not None:
             coordinator.argue = thinker.argue
@@ -465,7 +491,7 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
              actuators=sorted(registry.names) or "none: every intent that would act is refused")
     return Agent(persona, engine=engine, observing=observing, actuators=registry,
                  notifier=notifier, timing=timing, coordinator=coordinator,
-                 deliberator=deliberator)
+                 deliberator=deliberator, metrics=metrics)
 
 
 def serve(config: ConfigSet, persona_name: str, *, state_dir: Path, once: bool = False,
@@ -474,7 +500,13 @@ def serve(config: ConfigSet, persona_name: str, *, state_dir: Path, once: bool =
     agent = build(config, persona_name, state_dir=state_dir, environ=environ)
     if once:
         return asyncio.run(agent.run_once())
-    return asyncio.run(_serve(agent))
+    # Started before the first tick, so a scrape sees the agent from its start on.
+    endpoint = start_metrics(agent.metrics, agent.persona, environ)
+    try:
+        return asyncio.run(_serve(agent))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 async def _serve(agent: Agent) -> int:

@@ -6,7 +6,10 @@ number (see ``runtime.loading``) instead of a setting that silently does nothing
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -113,6 +116,65 @@ class AnthropicBrain(Model):
 
 Brain = Annotated[RulesBrain | AnthropicBrain, Field(discriminator="kind")]
 
+UNIX_SOCKET = "unix:"
+_SUN_PATH_MAX = 107  # bytes of sockaddr_un.sun_path on Linux, less the terminating NUL
+
+
+@dataclass(frozen=True)
+class TcpListen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixListen:
+    path: PurePosixPath
+
+    def __str__(self) -> str:
+        return f"{UNIX_SOCKET}{self.path}"
+
+
+def parse_listen(text: str) -> TcpListen | UnixListen:
+    """``IP:PORT`` (``[IPv6]:PORT``) on a loopback address, or ``unix:/absolute/path``.
+
+    Loopback only: the agent opens no port the network can reach (its unit allows
+    AF_INET for the bus and the API server, not for serving); a collector on the host,
+    or a proxy the operator chooses, carries metrics further.
+    """
+    if text.startswith(UNIX_SOCKET):
+        path = PurePosixPath(text.removeprefix(UNIX_SOCKET))
+        if not path.is_absolute():
+            raise ValueError(f"{text!r}: a unix socket path must be absolute")
+        if len(str(path).encode()) > _SUN_PATH_MAX:
+            raise ValueError(f"{text!r}: a unix socket path has at most {_SUN_PATH_MAX} bytes")
+        return UnixListen(path)
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is neither IP:PORT nor unix:/PATH")
+    bare = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (write 127.0.0.1, not a name)") from None
+    if not address.is_loopback:
+        raise ValueError(f"{bare} is not a loopback address: metrics stay on this host")
+    return TcpListen(bare, int(port))
+
+
+def _check_listen(text: str) -> str:
+    parse_listen(text)
+    return text
+
+
+class MetricsSpec(Model):
+    """Where the agent serves Prometheus metrics; no ``metrics:`` means none are served."""
+
+    listen: Annotated[str, AfterValidator(_check_listen)] = Field(
+        description="127.0.0.1:PORT, [::1]:PORT or unix:/absolute/path.")
+
 
 class PersonaSpec(Model):
     displayName: str = Field(min_length=1)  # noqa: N815
@@ -125,6 +187,7 @@ class PersonaSpec(Model):
     policies: tuple[PolicyName, ...] = ()
     tick: Duration = timedelta(seconds=15)
     brain: Brain = RulesBrain()
+    metrics: MetricsSpec | None = None
 
     @field_validator("tier")
     @classmethod

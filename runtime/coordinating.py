@@ -41,7 +41,16 @@ from bus.ids import new_id
 from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure
 from bus.journal import Journal
 from bus.keys import Signer
-from bus.messages import Control, Finding, Heartbeat, Proposal, QuorumRule, Result, Started
+from bus.messages import (
+    Control,
+    Decision,
+    Finding,
+    Heartbeat,
+    Proposal,
+    QuorumRule,
+    Result,
+    Started,
+)
 from bus.protocol import Judgement, Protocol
 from runtime import __version__, scopes
 from runtime.acting import Actuator, Fence, Outcome, run_actuator
@@ -59,6 +68,7 @@ from runtime.engine import (
     policy_digest,
 )
 from runtime.loading import ConfigSet
+from runtime.metrics import Metrics
 from runtime.observations import LeaseObs, PeerObs, SourceStatus
 from runtime.observing import Domain, Observed, Observing
 
@@ -72,6 +82,9 @@ class Argue(typing.Protocol):
                        within: float) -> str: ...
 
 _BUS_ERRORS = (BusUnavailableError, NatsError, JetStreamError, OSError, TimeoutError)
+BUS_RETRY = timedelta(seconds=5)
+"""When a refusal was the bus's doing, not the quorum's: ask again soon, so a repair goes
+ahead shortly after a partition heals rather than a whole refusal back-off later."""
 
 
 def _digest(items: Iterable[str]) -> str:
@@ -107,8 +120,9 @@ class Roster:
 class Coordinator:
     def __init__(self, *, persona: Persona, config: ConfigSet, signer: Signer, host: str,
                  connection: Connection, engine: PolicyEngine, journal: Journal,
-                 heartbeat_every: float = HEARTBEAT_EVERY) -> None:
+                 heartbeat_every: float = HEARTBEAT_EVERY, metrics: Metrics | None = None) -> None:
         self.persona = persona
+        self.metrics = metrics or Metrics.of(persona)
         self.config = config
         self.engine = engine
         self.journal = journal
@@ -120,6 +134,7 @@ class Coordinator:
                                   lease_ttl=bus.leaseTtl)
         roster = Roster.of(config)
         self.verifier = roster.verifier()
+        self.metrics.watch_bus(lambda: self.connected, self.verifier.dropped)
         duties = persona.spec.duties
         self.protocol = Protocol(
             connection, persona=persona.name, host=host, signer=signer, verifier=self.verifier,
@@ -133,6 +148,7 @@ class Coordinator:
         self.argue: Argue | None = None
         self.kv: KeyValue | None = None
         self.problems: list[str] = []
+        self.jetstream_error: str | None = None  # set by the lease observer while JetStream fails
         self.frozen: Control | None = None
         self.peers: dict[str, PeerObs] = {}
         # When this agent began to hear heartbeats: a peer's silence is measured from
@@ -165,6 +181,10 @@ class Coordinator:
             return "bus connected but its JetStream resources are not ready yet"
         if self.problems:
             return "bus resources have incompatible settings: " + "; ".join(self.problems)
+        if self.jetstream_error is not None:
+            # The local server answers but JetStream does not (on the minority side of a
+            # partition it has no meta leader): no vote or lease could be stored.
+            return f"bus connected but JetStream is not answering: {self.jetstream_error}"
         if self.frozen is not None:
             return f"fleet frozen by {self.frozen.reason!r}"
         return None
@@ -175,7 +195,9 @@ class Coordinator:
             return "bus: down"
         if self.frozen is not None:
             return "bus: connected, FROZEN"
-        return "bus: connected" + (", resources incompatible" if self.problems else "")
+        if self.problems:
+            return "bus: connected, resources incompatible"
+        return "bus: connected" + (", JetStream not answering" if self.jetstream_error else "")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -239,6 +261,9 @@ class Coordinator:
     async def heartbeat(self) -> None:
         if not self.connected:
             return
+        # Results journaled while JetStream was unreachable with the connection up (a
+        # partition, not a disconnect) would otherwise wait for the next reconnect.
+        await self.journal.flush(self.connection)
         body = Heartbeat(
             pid=os.getpid(), version=__version__, tick=self.ticks, status=self.status_text,
             bus="connected", kubernetes=self.kubernetes, frozen=self.frozen is not None,
@@ -279,11 +304,18 @@ class Coordinator:
                 case _:
                     pass
 
-    async def _conclude(self, intent: Intent, outcome: str, detail: str) -> None:
+    async def _conclude(self, intent: Intent, outcome: str | None = None,
+                        detail: str = "") -> None:
+        """End a repair: publish its verification ``outcome`` (if any), release its lease.
+
+        A repair that failed, or was a dry run, is not verified: its one result is
+        already on the bus, and a second would read like a second execution.
+        """
         repair, lease = self._repairs.pop(intent.id, (None, None))
         if repair is None:
             return
-        await self.record(intent, repair, outcome, detail)
+        if outcome is not None:
+            await self.record(intent, repair, outcome, detail)
         if lease is not None and self.kv is not None:
             try:
                 await leases.release(self.kv, lease)
@@ -331,10 +363,11 @@ class Coordinator:
                 log.exception("repair flow failed")
                 self._answer_refused(intent, f"repair flow failed: {type(exc).__name__}: {exc}")
 
-    def _answer_refused(self, intent: Intent, reason: str) -> None:
+    def _answer_refused(self, intent: Intent, reason: str, *,
+                        retry_after: timedelta | None = None) -> None:
         log.warning("intent refused", reason=reason)
         with contextlib.suppress(ValueError):  # already answered before the flow failed
-            self.engine.refused(intent.id, datetime.now(UTC), reason)
+            self.engine.refused(intent.id, datetime.now(UTC), reason, retry_after=retry_after)
 
     def _proposal(self, intent: Intent, now: datetime) -> Proposal:
         assert intent.quorum is not None
@@ -350,13 +383,16 @@ class Coordinator:
 
     async def _quorum_flow(self, intent: Intent, actuator: Actuator) -> None:
         if (reason := self.refusal()) is not None:
-            self._answer_refused(intent, reason)
+            self._answer_refused(intent, reason, retry_after=BUS_RETRY)
             return
         try:
             repair, tally = await self.protocol.propose(self._proposal(intent, datetime.now(UTC)))
         except _BUS_ERRORS as exc:
-            self._answer_refused(intent, f"bus failed during the vote, nothing was done: {exc}")
+            self.metrics.proposal("failed")
+            self._answer_refused(intent, f"bus failed during the vote, nothing was done: {exc}",
+                                 retry_after=BUS_RETRY)
             return
+        self.metrics.proposal(tally.outcome)
         if tally.outcome != "approved":
             self._answer_refused(intent, f"quorum {tally.outcome}: {tally.reason}")
             return
@@ -399,13 +435,13 @@ class Coordinator:
         else:
             outcome = Outcome(False, f"fencing token {lease.token} is stale: the lease moved on")
         self.engine.finished(intent.id, datetime.now(UTC), ok=outcome.ok, detail=outcome.detail)
+        self.metrics.execution(intent.action.name, ok=outcome.ok)
         log.info("action finished", repair=repair, ok=outcome.ok, detail=outcome.detail,
                  fencing_token=lease.token)
         await self.record(intent, repair, "succeeded" if outcome.ok else "failed",
                           outcome.detail)
         if not outcome.ok or intent.dry_run:
-            await self._conclude(intent, "failed" if not outcome.ok else "succeeded",
-                                 "released without verify")
+            await self._conclude(intent)
 
     async def _still_needed(self, intent: Intent) -> bool:
         """Look once more, under the lease, that the finding behind ``intent`` still holds."""
@@ -432,10 +468,11 @@ class Coordinator:
 
     async def _on_decided(self, msg: Msg) -> None:
         checked = self.verifier.check(msg.subject, msg.data)
-        if not isinstance(checked, Accepted):
+        if not isinstance(checked, Accepted) or not isinstance(checked.body, Decision):
             return
+        self.metrics.decision(checked.body.outcome)
         policy = self._proposed_policy.pop(checked.envelope.repair or "", None)
-        if policy and checked.envelope.body.get("outcome") == "approved":
+        if policy and checked.body.outcome == "approved":
             self._approved.setdefault(policy, deque(maxlen=1000)).append(checked.envelope.at)
 
     def _approved_last_hour(self, policy: str, now: datetime) -> int:
@@ -450,6 +487,7 @@ class Coordinator:
         verdict, reason, evidence = await self._judge(envelope, proposal)
         if verdict == "reject" and "veto" in self.persona.spec.duties:
             verdict = "block"
+        self.metrics.vote(verdict)
         rationale = ""
         if self.argue is not None:
             # Words only, after the verdict is fixed; half the time left keeps the
@@ -591,7 +629,13 @@ class BusObserver:
             return Observed({"peers": peers}, SourceStatus(ok=True, detail=f"{len(peers)} peers"))
         if c.kv is None:
             return Observed({}, SourceStatus(ok=False, detail="lease bucket not ready"))
-        held = await leases.all_leases(c.kv)
+        try:
+            held = await leases.all_leases(c.kv)
+        except _BUS_ERRORS as exc:
+            c.jetstream_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return Observed({}, SourceStatus(ok=False, detail=f"leases not read: "
+                                                              f"{c.jetstream_error}"))
+        c.jetstream_error = None
         return Observed({"leases": tuple(LeaseObs(key=lease.target, repair=lease.repair,
                                                   holder=lease.executor, expires=lease.expires)
                                          for lease in held)},

@@ -6,7 +6,9 @@ ready when it says so on stderr; if it dies first, its ``[FTL]``/``[ERR]`` lines
 are raised so a broken config is reported, not a timeout.
 
 ``NatsCluster`` runs several of them clustered by routes on loopback, with
-JetStream clustered, for tests that kill a server mid-run.
+JetStream clustered, for tests that kill a server mid-run; or one server per
+``Place`` (a host of its own, e.g. a network namespace in the partition test), routed
+over that place's address.
 """
 
 from __future__ import annotations
@@ -21,19 +23,45 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 _LISTENING = re.compile(r"Listening for client connections on ([\d.]+):(\d+)")
 _CLUSTER = re.compile(r"Listening for route connections on ([\d.]+):(\d+)")
 _MONITOR = re.compile(r"Starting http monitor on ([\d.]+):(\d+)")
+_T = TypeVar("_T")
+# A server in a place has that place's network to itself: the usual ports are free.
+PLACE_CLIENT_PORT, PLACE_ROUTE_PORT, PLACE_MONITOR_PORT = 4222, 6222, 8222
 
 
 class NatsServerError(RuntimeError):
     pass
+
+
+class Place(Protocol):
+    """Somewhere other than this process's network to run a server (a network namespace).
+
+    The server's client and monitoring ports are on the place's own loopback, so its
+    ``url`` is valid there, not here; its routes listen on ``address``.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def address(self) -> str: ...
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as a command that runs in the place."""
+        ...
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` run with the place's network (where its sockets connect from)."""
+        ...
 
 
 def binary() -> Path:
@@ -49,11 +77,12 @@ def binary() -> Path:
 
 class NatsServer:
     def __init__(self, store_dir: Path, *, config: Path | None = None, port: int = -1,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), place: Place | None = None) -> None:
         self.store_dir = store_dir
         self.config = config
         self.port = port
         self.extra_args = tuple(extra_args)
+        self.place = place
         self.cluster_port: int | None = None
         self.monitor_port: int | None = None  # set when started with ``-m``
         self.lines: list[str] = []
@@ -63,6 +92,7 @@ class NatsServer:
 
     @property
     def url(self) -> str:
+        """The client URL, as seen from where the server runs (its ``place``, if any)."""
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> NatsServer:
@@ -73,7 +103,10 @@ class NatsServer:
             args += ["-c", str(self.config)]
         self._ready.clear()
         self.lines = []
-        self._proc = subprocess.Popen([*args, *self.extra_args], stdout=subprocess.DEVNULL,
+        args += self.extra_args
+        if self.place is not None:
+            args = self.place.command(args)
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -109,13 +142,18 @@ class NatsServer:
         if self.monitor_port is None or not self.running:
             raise NatsServerError("nats-server is not running with a monitoring port (-m)")
         url = f"http://127.0.0.1:{self.monitor_port}/{endpoint}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                body = response.read()
-        except urllib.error.HTTPError as exc:
-            body = exc.read()
-        except (urllib.error.URLError, OSError) as exc:
-            raise NatsServerError(f"monitoring endpoint {url} unreachable: {exc}") from exc
+
+        def fetch() -> bytes:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    body: bytes = response.read()
+            except urllib.error.HTTPError as exc:
+                body = exc.read()
+            except (urllib.error.URLError, OSError) as exc:
+                raise NatsServerError(f"monitoring endpoint {url} unreachable: {exc}") from exc
+            return body
+
+        body = fetch() if self.place is None else self.place.call(fetch)
         data: dict[str, Any] = json.loads(body)
         return data
 
@@ -176,9 +214,23 @@ class NatsCluster:
     server is given all the routes (a JetStream cluster sizes its meta group from them),
     and a killed server that is started again must be found at the same address.
     Client ports are picked by the servers and also kept across restarts.
+
+    With ``places`` (one per server, ``size`` of them), each server runs in its place,
+    is named after it, listens for clients and monitoring on the place's loopback
+    (ports 4222 and 8222) and for routes on its address (6222). Across a network a
+    dead link is silence, not a reset, and nats-server's default route ping (two
+    minutes, two missed) would keep a cut route open that long: routes ping every
+    ``route_ping`` instead, and two missed pings close them.
     """
 
-    def __init__(self, root: Path, size: int = 3, *, name: str = "zeta") -> None:
+    def __init__(self, root: Path, size: int = 3, *, name: str = "zeta",
+                 places: Sequence[Place] = (),
+                 route_ping: timedelta = timedelta(seconds=1)) -> None:
+        if places:
+            if len(places) != size:
+                raise ValueError(f"{len(places)} places for {size} servers")
+            self.servers = self._placed(root, name, places, route_ping)
+            return
         ports = free_ports(size)
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
         self.servers = [
@@ -186,6 +238,22 @@ class NatsCluster:
                 "--server_name", f"n{i}", "--cluster_name", name,
                 "--cluster", f"nats://127.0.0.1:{port}", "--routes", routes, "-m", "-1"))
             for i, port in enumerate(ports)]
+
+    @staticmethod
+    def _placed(root: Path, name: str, places: Sequence[Place],
+                route_ping: timedelta) -> list[NatsServer]:
+        root.mkdir(parents=True, exist_ok=True)
+        config = root / "routes.conf"
+        config.write_text(f'cluster {{\n  ping_interval: "{route_ping.total_seconds():g}s"\n'
+                          "  ping_max: 2\n}\n", encoding="utf-8")
+        routes = ",".join(f"nats://{p.address}:{PLACE_ROUTE_PORT}" for p in places)
+        return [
+            NatsServer(root / place.name, config=config, port=PLACE_CLIENT_PORT, place=place,
+                       extra_args=(
+                           "--server_name", place.name, "--cluster_name", name,
+                           "--cluster", f"nats://{place.address}:{PLACE_ROUTE_PORT}",
+                           "--routes", routes, "-m", str(PLACE_MONITOR_PORT)))
+            for place in places]
 
     @property
     def urls(self) -> list[str]:

@@ -20,7 +20,8 @@ problem: it becomes a pattern matching ``zeta-agent@<any persona name>.service``
 nothing else, so a persona added later needs no re-render for its peers.
 
 ``zeta-agent render unit`` writes the drop-in for ``zeta-agent@<persona>.service``:
-its description, every credential file the persona has, and memory limits.
+its description, every credential file the persona has, memory limits, and the runtime
+directory its metrics socket needs, if it serves metrics on one.
 
 Templates are Jinja2 files shipped in ``runtime/templates`` with ``StrictUndefined``:
 a value the template needs and the code forgot is an error, not an empty string.
@@ -31,14 +32,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jinja2
 
 from bus.messages import Target
 from bus.subjects import PERSONA_NAME
 from runtime.catalog import CATALOG, NoParams, UnitParams
-from runtime.config import Persona, RepairPolicy
+from runtime.config import Persona, RepairPolicy, UnixListen, parse_listen
 from runtime.credentials import KUBECONFIG_FILE, OPTIONAL_FILES, SEED_FILE
 from runtime.hosting import AGENT_UNIT, PEER_VERB, UNIT_VERBS, PeerRestart, Reboot, unit_name_error
 from runtime.observing import watched_units
@@ -46,6 +47,8 @@ from runtime.scopes import allows, parse
 
 DEFAULT_CREDENTIALS_DIR = Path("/etc/zeta/credentials")
 """The directory systemd/zeta-agent@.service loads the seed from and hides from the agent."""
+RUNTIME_DIRECTORY = PurePosixPath("/run/zeta-agent")
+"""Where a persona's metrics socket may live: ``/run/zeta-agent/<persona>/``."""
 
 _ENVIRONMENT = jinja2.Environment(
     loader=jinja2.PackageLoader("runtime", "templates"),
@@ -190,9 +193,13 @@ def render_unit(persona: Persona, *, credentials_dir: Path, source: str) -> str:
         credential = Credential(name, directory / name)
         (present if credential.path.is_file() else absent).append(credential)
     watching = any(c.name == KUBECONFIG_FILE for c in present)
+    metrics = persona.spec.metrics
+    listen = parse_listen(metrics.listen) if metrics is not None else None
     return _ENVIRONMENT.get_template("unit.conf.j2").render(
         name=persona.name, display_name=persona.spec.displayName, role=persona.spec.role,
         source=source, credentials_dir=credentials_dir,
         default_credentials_dir=DEFAULT_CREDENTIALS_DIR, present=present, absent=absent,
         seed_present=present[0].path.is_file(),
-        limits=WATCHING_LIMITS if watching else HOST_ONLY_LIMITS)
+        limits=WATCHING_LIMITS if watching else HOST_ONLY_LIMITS,
+        metrics_socket=listen if isinstance(listen, UnixListen) else None,
+        runtime_directory=RUNTIME_DIRECTORY / persona.name)

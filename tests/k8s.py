@@ -17,14 +17,15 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from kubernetes import client
 
-from runtime.cluster.building import ensure_binaries
+from runtime.cluster.building import Binaries, ensure_binaries
 from runtime.cluster.controlplane import ControlPlane
 from runtime.cluster.nodesim import JsonApi, NodeSimulator, api_client
+from runtime.fleet import deployment
 from runtime.tools import Progress, ToolUnavailableError
 from tests.prereq import missing
 
@@ -32,6 +33,9 @@ PERSONA_USERS = ("zeta-otto", "zeta-alexa", "zeta-riven", "zeta-vera", "zeta-lio
 NOBODY = "zeta-nobody"
 """A token user that no test binds to anything: what RBAC gives nobody."""
 NAMESPACE_READY = 30.0
+# The tests' Deployment manifests are the lab's (runtime.fleet).
+__all__ = ["NOBODY", "PERSONA_USERS", "admin_api", "admin_json", "control_plane", "deployment",
+           "k8s_binaries", "k8s_namespace", "node_sim", "past_capture", "wait_for"]
 T = TypeVar("T")
 
 
@@ -47,15 +51,20 @@ def past_capture(config: pytest.Config) -> Progress:
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory,
-                  pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
-    """A real control plane for the whole session (users: the personas' and ``zeta-nobody``).
-
-    The first run on a machine builds it (minutes), saying so past pytest's capture."""
+def k8s_binaries(pytestconfig: pytest.Config) -> Binaries:
+    """The control-plane binaries. The first run on a machine builds them (minutes),
+    saying so past pytest's capture; without Go it skips (fails in CI)."""
     try:
-        binaries = ensure_binaries(progress=past_capture(pytestconfig))
+        return ensure_binaries(progress=past_capture(pytestconfig))
     except ToolUnavailableError as exc:
         missing(f"no Kubernetes control plane: {exc}")
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory,
+                  k8s_binaries: Binaries) -> Iterator[ControlPlane]:
+    """A real control plane for the whole session (users: the personas' and ``zeta-nobody``)."""
+    binaries = k8s_binaries
     plane = ControlPlane(tmp_path_factory.mktemp("k8s"), users=[*PERSONA_USERS, NOBODY],
                          binaries=binaries)
     with plane:
@@ -111,14 +120,3 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, *,
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(every)
-
-
-def deployment(name: str, replicas: int, *, labels: dict[str, str] | None = None,
-               pod_spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A Deployment manifest whose pods carry ``app: <name>`` (plus ``labels``)."""
-    match = {"app": name}
-    spec = pod_spec or {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": match},
-                     "template": {"metadata": {"labels": {**match, **(labels or {})}},
-                                  "spec": spec}}}

@@ -20,8 +20,17 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from runtime.acting import Actuator, Actuators, NoActuatorError, Outcome
+from bus.messages import Target
+from runtime.acting import (
+    Actuator,
+    Actuators,
+    Escalate,
+    NoActuatorError,
+    Outcome,
+    unfenced,
+)
 from runtime.agent import Agent, Exit, Timing, state_directory, supervise
+from runtime.catalog import EscalateParams
 from runtime.config import Persona, RepairPolicy
 from runtime.engine import Evaluation, PolicyEngine
 from runtime.loading import load
@@ -41,7 +50,7 @@ from runtime.observing import (
     parse_show,
     watched_units,
 )
-from tests.builders import T0, RecordingActuator, persona, policy, probe, unit
+from tests.builders import T0, RecordingActuator, intent, persona, policy, probe, unit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -406,6 +415,39 @@ async def test_an_intent_outside_the_scopes_is_refused() -> None:
     [refused] = [e for e in logs if e["event"] == "intent refused"]
     assert "host:units:start:kubelet.service is not granted" in refused["reason"]
     assert actuator.runs == []
+
+
+async def test_a_voter_leaves_remedies_to_the_executors_without_warning() -> None:
+    time = FakeTime()
+    actuator = RecordingActuator(Outcome(ok=True))
+    voter = persona("riven", scopes=["host:units:start:kubelet.service"], duties=["vote"])
+    agent, _ = make_agent(time, [UnitsObserver([FAILED_KUBELET])], policies=[UNIT_START],
+                          who=voter, actuators=Actuators({"host.unit.start": actuator}))
+    with capture_logs() as logs:
+        await agent.tick()
+    assert actuator.runs == []
+    assert not [e for e in logs if e["event"] == "intent refused"], logs
+    assert [e["event"] for e in logs if e["event"].startswith("intent")] == [
+        "intent left to the executors"]
+    tick = next(e for e in logs if e["event"] == "tick")
+    assert (tick["findings_open"], tick["refused"], tick["holds"]) == (1, 0, 1)
+
+
+async def test_escalating_puts_the_finding_on_the_record_for_people() -> None:
+    escalate = Escalate()
+    target = Target(kind="unit", name="kubelet.service", host="cp-1")
+    params = EscalateParams(message="kubelet.service does not stay up")
+    with capture_logs() as logs:
+        outcome = await escalate.run(intent("bus.escalate", target, params), repair="R",
+                                     dry_run=False, fence=unfenced)
+    assert outcome == Outcome(ok=True, detail=(
+        "escalated to people: kubelet.service does not stay up (finding: test; policy p, "
+        "step 0)"))
+    assert [e["event"] for e in logs] == ["escalated to people"]
+    rehearsal = await escalate.run(intent("bus.escalate", target, EscalateParams(),
+                                          dry_run=True), repair="R", dry_run=True, fence=unfenced)
+    assert rehearsal.detail == ("dry-run: would escalate to people: the policy's steps are "
+                                "exhausted (finding: test; policy p, step 0)")
 
 
 async def test_an_allowed_intent_runs_on_its_actuator_and_is_reported() -> None:

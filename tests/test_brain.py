@@ -12,6 +12,8 @@ import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,9 +39,9 @@ from runtime.notifying import Notifier
 from runtime.observations import EventObs, NodeCondition, NodeObs, Snapshot, SourceStatus
 from runtime.observing import Domain, Observed, Observing
 from tests.builders import RecordingActuator
+from tests.conftest import REPO
 from tests.messages_api import Error, MessagesApi, Slow, messages_api_server, reply, text, tool_use
 
-REPO = Path(__file__).resolve().parent.parent
 INCIDENT = REPO / "docs" / "examples" / "incident-node-not-ready.json"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGENERATE = os.environ.get("ZETA_REGENERATE_GOLDEN") == "1"
@@ -584,3 +586,12 @@ def test_templates_in_personas_are_not_read_as_configuration(config_copy: Path) 
 
 def test_every_shipped_persona_has_a_golden_prompt_and_nothing_else_does() -> None:
     assert [p.stem for p in sorted(GOLDEN.glob("*.txt"))] == list(SHIPPED)
+
+
+def test_the_sdk_is_imported_only_when_a_model_is_asked() -> None:
+    # It takes longer to import than the rest of the agent: a rules-brain agent (and
+    # every CLI call) must not pay for it on its way to READY=1.
+    probe = "import sys, runtime.cli, runtime.agent; print('anthropic' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=REPO)
+    assert loaded.stdout.strip() == "False"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from bus import leases
 from bus.connection import Connection
 from bus.envelope import Envelope, Verifier
-from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure
+from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, bucket_config, ensure
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
 from bus.protocol import Judgement, Protocol
@@ -43,6 +44,18 @@ async def test_ensure_creates_then_accepts_then_reports_differences(conn: Connec
     problems = await ensure(conn.js, Settings(max_age=timedelta(days=7)))
     assert len(problems) == 1
     assert "max_age" in problems[0]
+
+
+async def test_a_lease_bucket_that_allows_direct_gets_is_reported(conn: Connection) -> None:
+    # As `nats kv add` makes it by default: any replica would answer a read.
+    await conn.js.create_key_value(replace(bucket_config(Settings()), direct=True))
+    problems = await ensure(conn.js, Settings())
+    assert problems == [f"{LEASES_BUCKET} allows direct gets: a replica cut off from the "
+                        "leader could answer a fencing check from a stale copy"]
+    ours = await conn.js.stream_info(f"KV_{LEASES_BUCKET}")
+    await conn.js.delete_stream(ours.config.name or "")
+    assert await ensure(conn.js, Settings()) == []
+    assert not (await conn.js.stream_info(f"KV_{LEASES_BUCKET}")).config.allow_direct
 
 
 async def test_two_racing_proposers_get_exactly_one_lease(conn: Connection) -> None:

@@ -1,244 +1,73 @@
 """End to end: the five shipped personas, as five processes, repair a real Kubernetes cluster.
 
-Each persona runs as ``python -m runtime run <name>`` (what its systemd unit runs), with
-its own state directory, its own kubeconfig (a token user of the session's control
-plane) bound to the ClusterRole rendered from its scopes, on a real nats-server. The
-node simulator stands in for kubelets and the scheduler; the real node-lifecycle
-controller turns stopped heartbeats into NotReady nodes. Processes rather than
-in-process agents: the point is the shipped entry point, credentials on disk and five
-independent watch caches; every process logs JSON lines to a file the assertions read.
-
-Timings are shortened (tick 1 s, ``for:`` 5 s, quorum deadlines 10 s); every wait is
-bounded and every process is stopped (SIGTERM, then SIGKILL) however a test ends.
+The fleet is ``runtime.fleet``'s, the one ``zeta-agent lab`` runs: each persona as
+``python -m runtime run <name>`` with its own state directory, its own kubeconfig (a
+token user of the session's control plane) bound to the ClusterRole rendered from its
+scopes, on a real nats-server, with the lab's short timings (tick 1 s, ``for:`` 5 s,
+quorum deadlines 10 s). The node simulator stands in for kubelets and the scheduler;
+the real node-lifecycle controller turns stopped heartbeats into NotReady nodes.
+Every wait is bounded and every process is stopped however a test ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from kubernetes import client
-from nats.aio.msg import Msg
 
-from bus.connection import Connection
 from runtime import auditing
+from runtime import fleet as harness
 from runtime.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION
 from runtime.cluster.acting import RESTARTED_AT
 from runtime.cluster.controlplane import ControlPlane
 from runtime.cluster.nodesim import JsonApi, NodeSimulator
-from runtime.cluster.rbac import render_all
-from runtime.coordinating import Roster
-from runtime.lab import prepare_config
-from runtime.loading import config_paths, load
+from runtime.fleet import AgentFleet, wait_until
 from runtime.natsserver import NatsServer
-from tests.conftest import REPO
 from tests.k8s import admin_api, admin_json, deployment
 from tests.test_fleet_quorum import NAMES
 from tests.test_k8s_acting import ReadyCounter, is_ready
-from tests.test_rbac import apply
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
 
-TICK = timedelta(seconds=1)
-STOP_GRACE = 10.0
-QUORUM = {"approvals": 3, "veto": ["riven"], "deadline": "10s"}
-NODE_NOT_READY = {
-    "detect": {"kind": "node-condition", "condition": "Ready", "status": ["False", "Unknown"],
-               "for": "5s"},
-    # The shipped ladder with test-sized windows. A cordon alone cannot clear
-    # NotReady: its short verify window moves on to the drain.
-    "remedies": [
-        {"action": "k8s.node.cordon", "quorum": QUORUM,
-         "verify": {"within": "3s", "expect": "finding-cleared"}},
-        {"action": "k8s.node.drain", "params": {"timeout": "90s"}, "quorum": QUORUM,
-         "verify": {"within": "90s", "expect": "finding-cleared"}},
-    ],
-    "budget": {"maxInFlight": 1, "perHour": 10, "maxUnhealthyFraction": 0.3},
-}
-POLICIES: dict[str, dict[str, Any]] = {
-    "node-not-ready": NODE_NOT_READY,
-    "cordon-without-owner": {"detect": {"kind": "cordon-without-owner", "for": "5s"}},
-    "pod-crashloop": {
-        "detect": {"kind": "pod-crashloop", "minRestarts": 2, "for": "5s"},
-        "remedies": [
-            {"action": "k8s.workload.restart",
-             "quorum": {"approvals": 2, "veto": ["riven"], "deadline": "10s"},
-             "verify": {"within": "60s", "expect": "finding-cleared"}},
-            {"action": "bus.escalate", "params": {"message": "still crash-looping"}}]},
-    "apiserver-unreachable": {"detect": {"kind": "apiserver-unreachable", "minPaths": 2,
-                                         "for": "3s"}},
-}
 DESTRUCTIVE_CALLS = ("patch nodes", "create pods/eviction", "delete pods", "patch deployments")
 
 
 async def until(check: Callable[[], T | None], within: float, what: str) -> T:
-    """Poll ``check`` (a quick, blocking look) until it returns a true value; that value."""
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(0.25)
+    """``runtime.fleet.wait_until``, failing the test when it times out."""
+    try:
+        return await wait_until(check, within, what)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
-# ---------------------------------------------------------------- the fleet of processes
-
-
-@dataclass
-class AgentProcess:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def events(self) -> list[dict[str, Any]]:
-        """The JSON log lines so far (anything else, e.g. a traceback, is kept as text)."""
-        out = []
-        for line in self.log.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"event": "(not json)", "text": line})
-        return out
-
-    def ticks(self) -> int:
-        return max((e["tick"] for e in self.events() if e.get("event") == "tick"), default=0)
-
-
-@dataclass
-class Fleet:
-    config_dir: Path
-    agents: dict[str, AgentProcess]
-    server: NatsServer
-    heartbeats: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-    def events(self, event: str) -> list[dict[str, Any]]:
-        """Every log line of every agent whose event is ``event``."""
-        return [e for a in self.agents.values() for e in a.events() if e.get("event") == event]
-
-    def alive(self) -> list[str]:
-        return [n for n, a in self.agents.items() if a.process.poll() is None]
-
-    def kubernetes_changes(self) -> list[dict[str, Any]]:
-        return self.events("kubernetes change made")
-
-    async def stored(self) -> list[auditing.Stored]:
-        """Everything in ZETA_AUDIT so far, as stored."""
-        conn = Connection([self.server.url], name="e2e-audit", seed=None)
-        await conn.connect()
-        try:
-            return await auditing.read(conn.js)
-        finally:
-            await conn.close()
-
-    async def audit(self) -> list[dict[str, Any]]:
-        """ZETA_AUDIT as JSON envelopes, in stream order."""
-        return [{"subject": m.subject, **json.loads(m.data)} for m in await self.stored()]
-
-    def dump(self) -> str:
-        """The tail of every agent's log, for a failure message."""
-        return "\n".join(f"--- {n}\n" + "\n".join(
-            a.log.read_text(errors="replace").splitlines()[-15:]) for n, a in self.agents.items())
-
-
-def _install_kubernetes(config_dir: Path, plane: ControlPlane) -> None:
-    """Each persona's kubeconfig where credential_path looks, and its rendered RBAC applied."""
-    config = load(config_paths(config_dir))
-    for name, persona in config.personas.items():
-        user = persona.value.spec.identity.kubernetes.user
-        target = config_dir / "credentials" / name / "kubeconfig"
-        shutil.copyfile(plane.kubeconfig_for(user), target)
-        target.chmod(0o600)
-    with admin_api(plane) as api:
-        apply(api, render_all(p.value for p in config.personas.values()))
-
-
-def _start(config_dir: Path, name: str, workdir: Path) -> AgentProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "ZETA_CONFIG_DIR",
-                        "ZETA_NATS_URL", "CREDENTIALS_DIRECTORY")}
-    state = workdir / "state" / name
-    state.mkdir(parents=True)
-    env.update(STATE_DIRECTORY=str(state), PYTHONUNBUFFERED="1")
-    log = workdir / "logs" / f"{name}.log"
-    log.parent.mkdir(exist_ok=True)
-    with log.open("wb") as out:  # the child keeps its own descriptor
-        process = subprocess.Popen(
-            [sys.executable, "-m", "runtime", "run", name, "--config-dir", str(config_dir)],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    return AgentProcess(name, process, log)
-
-
-def _stop(agents: Mapping[str, AgentProcess]) -> dict[str, int]:
-    """SIGTERM every agent, SIGKILL (its whole session) what is left after the grace."""
-    for agent in agents.values():
-        if agent.process.poll() is None:
-            agent.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
-    codes = {}
-    for name, agent in agents.items():
-        try:
-            codes[name] = agent.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(agent.process.pid, signal.SIGKILL)
-            codes[name] = agent.process.wait()
-    return codes
-
-
-FleetStarter = Callable[..., Awaitable[Fleet]]
+FleetStarter = Callable[..., Awaitable[AgentFleet]]
 
 
 @pytest.fixture
 async def start_fleet(tmp_path: Path, nats_server: NatsServer,
-                      control_plane: ControlPlane) -> AsyncIterator[FleetStarter]:
-    """Start the five personas as processes (``policies`` override POLICIES); all stopped after."""
-    started: list[Fleet] = []
-    watchers: list[Connection] = []
+                              control_plane: ControlPlane) -> AsyncIterator[FleetStarter]:
+    """Start the five personas as processes (``policies`` update the harness's POLICIES);
+    all stopped after, and each must exit 0."""
+    started: list[AgentFleet] = []
 
-    async def start(policies: Mapping[str, Mapping[str, Any]] | None = None) -> Fleet:
-        config_dir = tmp_path / "config"
-        prepare_config(REPO, config_dir, tick=TICK, nats_url=nats_server.url, dry_run=False,
-                       policy_spec={**POLICIES, **(policies or {})},
-                       fleet_spec={"apiservers": [control_plane.url], "quorum": QUORUM})
-        _install_kubernetes(config_dir, control_plane)
-        fleet = Fleet(config_dir, {}, nats_server)
-        watcher = Connection([nats_server.url], name="e2e-heartbeats", seed=None)
-        await watcher.connect()
-        watchers.append(watcher)
-
-        async def on_heartbeat(msg: Msg) -> None:
-            envelope = json.loads(msg.data)
-            fleet.heartbeats.setdefault(envelope["from"], []).append(envelope["body"])
-
-        await watcher.subscribe("zeta.agent.*.heartbeat", on_heartbeat)
+    async def start(policies: Mapping[str, Mapping[str, Any]] | None = None) -> AgentFleet:
+        config_dir = harness.prepare_fleet(tmp_path, nats_server.url, control_plane.url,
+                                           policies=policies)
+        fleet = await harness.start_fleet(config_dir, tmp_path, nats_server.url,
+                                          control_plane)
         started.append(fleet)
-        for name in NAMES:
-            fleet.agents[name] = _start(config_dir, name, tmp_path)
-        await until(lambda: all(a.ticks() >= 1 for a in fleet.agents.values()), 60,
-                    "every agent's first tick")
+        await fleet.wait_ready()
         return fleet
 
     yield start
     for fleet in started:
-        codes = await asyncio.to_thread(_stop, fleet.agents)
+        codes = await fleet.stop()
         assert codes == dict.fromkeys(NAMES, 0), f"unclean exits {codes}\n{fleet.dump()}"
-    for watcher in watchers:
-        await watcher.close()
 
 
 @pytest.fixture
@@ -380,7 +209,7 @@ async def test_a_dead_node_is_cordoned_drained_under_its_pdb_then_uncordoned_by_
                  if e["call"].startswith("create pods/eviction")]
     assert [e["persona"] for e in evictions] == ["otto"], evictions
 
-    roster = Roster.of(load(config_paths(fleet.config_dir)))
+    roster = fleet.roster()
     assert auditing.verify(await fleet.stored(), roster.keys, roster.operators,
                            roster.voters) == []
 
@@ -416,8 +245,8 @@ async def test_forty_percent_of_nodes_down_trips_the_breaker_and_nothing_is_drai
     fleet = await start_fleet()
     for name in nodes[:2]:
         node_sim.stop_heartbeats(name)
-    await until(lambda: any("breaker tripped: node-not-ready" in h["status"]
-                            for h in fleet.heartbeats.get("otto", [])),
+    await until(lambda: any("breaker tripped: node-not-ready" in h.status
+                            for h in fleet.tap.heartbeats("otto")),
                 45, f"Otto's heartbeat to say the breaker tripped\n{fleet.dump()}")
     # Past the policy's for: with both nodes NotReady, and a quorum deadline more.
     await asyncio.sleep(8)
@@ -435,8 +264,8 @@ async def test_an_unreachable_api_server_is_reported_and_nothing_is_attempted(
         start_fleet: FleetStarter, control_plane: ControlPlane, node_sim: NodeSimulator) -> None:
     node_sim.add_nodes(2)
     fleet = await start_fleet()
-    await until(lambda: all(h and h[-1]["kubernetes"] == "observed"
-                            for h in (fleet.heartbeats.get(n) for n in NAMES)),
+    await until(lambda: all(h and h[-1].kubernetes == "observed"
+                            for h in map(fleet.tap.heartbeats, NAMES)),
                 30, "every agent to observe Kubernetes")
     try:
         control_plane.stop_apiserver()
@@ -456,18 +285,20 @@ async def test_an_unreachable_api_server_is_reported_and_nothing_is_attempted(
                   and e.get("resource") == "nodes"]
         assert failed, "the node watch must say why it fails"
         assert "/api/v1/nodes: Connection refused" in failed[-1]["error"], failed
-        await until(lambda: all(h[-1]["kubernetes"] != "observed"
-                                for h in (fleet.heartbeats[n] for n in NAMES)),
+        await until(lambda: all(h[-1].kubernetes != "observed"
+                                for h in map(fleet.tap.heartbeats, NAMES)),
                     15, "every heartbeat to say Kubernetes is not observed")
         down = [e for e in fleet.events("tick") if "kubernetes" in e.get("sources_down", [])]
         assert {e["persona"] for e in down} == set(NAMES), "every agent says the source is down"
-        assert fleet.alive() == list(NAMES)
-        assert all(a.ticks() > stopped_at[n] + 3 for n, a in fleet.agents.items()), (
-            stopped_at, {n: a.ticks() for n, a in fleet.agents.items()})
+        assert sorted(fleet.alive()) == sorted(NAMES)
+        # They keep ticking through the outage (each tick waits out the unreachable
+        # paths' timeouts, so on a loaded machine a tick can take a few seconds).
+        await until(lambda: all(a.ticks() > stopped_at[n] + 3 for n, a in fleet.agents.items()),
+                    30, f"ticks to go on during the outage, from {stopped_at}")
     finally:
         control_plane.start_apiserver()
-    await until(lambda: all(h and h[-1]["kubernetes"] == "observed"
-                            for h in (fleet.heartbeats.get(n) for n in NAMES)),
+    await until(lambda: all(h and h[-1].kubernetes == "observed"
+                            for h in map(fleet.tap.heartbeats, NAMES)),
                 60, f"every agent to observe Kubernetes again\n{fleet.dump()}")
     assert fleet.kubernetes_changes() == []
     assert _of(await fleet.audit(), "started") == []

@@ -14,13 +14,14 @@ import pytest
 from bus import leases, subjects
 from bus.connection import Connection
 from bus.envelope import seal
+from bus.ids import new_id
 from bus.jetstream import LEASES_BUCKET, Settings, ensure
 from bus.keys import Signer
-from bus.messages import Control
+from bus.messages import Control, Result, Target
 from runtime.acting import Outcome
 from runtime.agent import Agent, build
 from runtime.credentials import CredentialError, load_signer, write_seed
-from runtime.lab import prepare_config
+from runtime.fleet import prepare_config
 from runtime.loading import config_paths, load
 from runtime.natsserver import NatsServer
 from runtime.observations import ApiProbe, SourceStatus, UnitObs
@@ -266,3 +267,46 @@ async def test_two_proposers_racing_for_one_target_execute_once(
     assert len(started) == 1, "two executors acted on one target"
     results = [m for m in audit if m["kind"] == "result" and m["body"]["outcome"] == "succeeded"]
     assert [r["repair"] for r in results] == [started[0]["repair"]]
+
+
+class SilentJetStream:
+    """A lease bucket whose server is up but whose JetStream does not answer (no leader)."""
+
+    async def keys(self) -> list[str]:
+        raise TimeoutError
+
+
+async def test_jetstream_not_answering_refuses_destructive_work_and_journal_drains_while_up(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """The minority side of a partition: the connection stays up, JetStream does not answer."""
+    otto = _fleet(tmp_path, nats_server.url, names=("otto",))["otto"]
+    coordinator = otto.coordinator
+    assert coordinator is not None
+    stop = asyncio.Event()
+    task = asyncio.create_task(otto.run(stop))
+    try:
+        async with asyncio.timeout(20):
+            await _until(lambda: coordinator.kv is not None and coordinator.refusal() is None)
+        bucket = coordinator.kv
+        coordinator.kv = SilentJetStream()  # type: ignore[assignment]
+        async with asyncio.timeout(20):
+            await _until(lambda: coordinator.jetstream_error is not None)
+        assert coordinator.connected
+        assert coordinator.refusal() == ("bus connected but JetStream is not answering: "
+                                         "TimeoutError")
+        assert coordinator.describe() == "bus: connected, JetStream not answering"
+        # A result journaled meanwhile is published at the next heartbeat, not at the
+        # next reconnect (which, with the connection up, may never come).
+        envelope = coordinator.protocol.seal("result", Result(
+            outcome="succeeded", detail="kubelet started", action="host.unit.start",
+            target=Target(kind="unit", name="kubelet.service", host="otto"),
+            policy="kubelet-failed"), repair=new_id())
+        coordinator.journal.append(envelope)
+        coordinator.kv = bucket
+        async with asyncio.timeout(20):
+            await _until(lambda: coordinator.refusal() is None
+                         and not coordinator.journal.path.exists())
+    finally:
+        stop.set()
+        await task
+    assert envelope.id in [m["id"] for m in await _audit(nats_server)]

@@ -32,7 +32,7 @@ from runtime.agent import Agent, build
 from runtime.config import PeerSilentDetect
 from runtime.coordinating import BusObserver
 from runtime.detecting import detect
-from runtime.lab import prepare_config
+from runtime.fleet import prepare_config
 from runtime.loading import config_paths, load
 from runtime.natsserver import NatsServer, free_ports
 from runtime.observations import ApiProbe, Snapshot, SourceStatus

@@ -40,7 +40,7 @@ from runtime.acting import Outcome
 from runtime.agent import build
 from runtime.config import BusUser
 from runtime.credentials import SEED_FILE, write_seed
-from runtime.lab import prepare_config
+from runtime.fleet import prepare_config
 from runtime.loading import ConfigSet, config_paths, load
 from runtime.natsserver import NatsServer, binary, free_ports
 from runtime.operating import connect_within

@@ -39,6 +39,7 @@ from runtime.cluster.rbac import (
 )
 from runtime.config import Persona
 from runtime.engine import Intent
+from runtime.fleet import apply_rbac
 from runtime.loading import ConfigSet, config_paths, load
 from runtime.scopes import VOCABULARY, allows
 from tests.builders import intent
@@ -158,30 +159,11 @@ def test_render_rbac_of_an_unknown_persona_fails(capsys: pytest.CaptureFixture[s
 # ---------------------------------------------------------------- against a real API server
 
 
-def apply(api: client.ApiClient, text: str) -> None:
-    """Create or replace each ClusterRole and ClusterRoleBinding in ``text``."""
-    rbac = client.RbacAuthorizationV1Api(api)
-    for document in documents(text):
-        name = document["metadata"]["name"]
-        if document["kind"] == "ClusterRole":
-            role = client.V1ClusterRole.model_validate(document)
-            if rbac.list_cluster_role(field_selector=f"metadata.name={name}").items:
-                rbac.replace_cluster_role(name, role)
-            else:
-                rbac.create_cluster_role(role)
-        else:
-            binding = client.V1ClusterRoleBinding.model_validate(document)
-            if rbac.list_cluster_role_binding(field_selector=f"metadata.name={name}").items:
-                rbac.replace_cluster_role_binding(name, binding)
-            else:
-                rbac.create_cluster_role_binding(binding)
-
-
 @pytest.fixture
 def applied(control_plane: ControlPlane) -> ControlPlane:
     """The control plane with every shipped persona's rendered RBAC applied."""
     with admin_api(control_plane) as api:
-        apply(api, render_all(p.value for p in SHIPPED.personas.values()))
+        apply_rbac(api, render_all(p.value for p in SHIPPED.personas.values()))
     return control_plane
 
 

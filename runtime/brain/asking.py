@@ -15,15 +15,20 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import structlog
 
 from runtime.brain.choosing import ToolCall
 from runtime.brain.prompting import Prompt
 from runtime.config import AnthropicBrain, Fleet, Persona
 from runtime.credentials import credential_path
+
+if TYPE_CHECKING:
+    # Imported where a model is asked, not here: the SDK takes longer to import than
+    # the rest of the agent together, and most personas (rules brain) never need it,
+    # while every start of `zeta-agent` (READY=1, each CLI call) would pay for it.
+    import anthropic
 
 log = structlog.get_logger("brain")
 
@@ -52,8 +57,14 @@ def api_key(persona: Persona, fleet: Fleet, environ: Mapping[str, str]) -> str |
 class Reply:
     calls: tuple[ToolCall, ...]
     text: str
-    tokens: int
+    input_tokens: int
+    output_tokens: int
     stop_reason: str
+
+    @property
+    def tokens(self) -> int:
+        """What the reply cost against the token budget: input plus output."""
+        return self.input_tokens + self.output_tokens
 
     def check(self) -> None:
         """Raise if the reply cannot be used (its tokens are spent all the same)."""
@@ -108,6 +119,8 @@ class Model:
     async def ask(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]], *,
                   deadline: float) -> Reply:
         """One reply within ``deadline`` (monotonic), retrying what is worth retrying."""
+        import anthropic  # noqa: PLC0415 (see the TYPE_CHECKING import)
+
         attempts = self.settings.retries + 1
         async with anthropic.AsyncAnthropic(api_key=self._key, base_url=self._base_url,
                                             max_retries=0) as client:
@@ -143,6 +156,8 @@ class Model:
 
     @staticmethod
     def _retryable(exc: anthropic.APIError, attempt: int) -> tuple[str, float]:
+        import anthropic  # noqa: PLC0415 (see the TYPE_CHECKING import)
+
         backoff = BACKOFF * 2 ** (attempt - 1)
         if isinstance(exc, anthropic.RateLimitError):
             after = _retry_after(exc)
@@ -160,6 +175,5 @@ def _reply(message: anthropic.types.Message) -> Reply:
             calls.append(ToolCall(block.id, block.name, block.input))
         elif block.type == "text":
             text.append(block.text)
-    return Reply(tuple(calls), "\n".join(text).strip(),
-                 message.usage.input_tokens + message.usage.output_tokens,
-                 message.stop_reason or "")
+    return Reply(tuple(calls), "\n".join(text).strip(), message.usage.input_tokens,
+                 message.usage.output_tokens, message.stop_reason or "")

@@ -48,6 +48,7 @@ from runtime.brain.prompting import VOTE_TEMPLATE, Prompt, context, identity, re
 from runtime.config import AnthropicBrain, Persona, Quorum, RepairPolicy
 from runtime.engine import Evaluation, Finding, Intent, PolicyEngine
 from runtime.loading import ConfigSet
+from runtime.metrics import Metrics
 from runtime.observations import Snapshot
 
 log = structlog.get_logger("brain")
@@ -73,8 +74,10 @@ class Thinker:
     def __init__(self, persona: Persona, policies: Sequence[RepairPolicy],
                  settings: AnthropicBrain, *, templates: Path, key: Callable[[], str | None],
                  base_url: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
         self.persona = persona
+        self.metrics = metrics or Metrics.of(persona)
         self.settings = settings
         self.policies: Mapping[str, RepairPolicy] = {p.name: p for p in policies}
         self.actions = allowed_actions(policies)
@@ -107,6 +110,7 @@ class Thinker:
     async def _ask(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]],
                    within: float) -> Reply:
         if (reason := self.refusal()) is not None:
+            self.metrics.model_call("refused")
             raise BrainUnavailableError(reason)
         key = self._key()
         assert key is not None  # refusal() said so
@@ -117,9 +121,21 @@ class Thinker:
             async with asyncio.timeout(within):
                 reply = await model.ask(prompt, tools, deadline=self._clock() + within)
         except TimeoutError:
+            self.metrics.model_call("failed")
             raise BrainUnavailableError(f"timeout: no answer within {within:g}s") from None
+        except BrainUnavailableError:
+            self.metrics.model_call("failed")
+            raise
         self.budget.record(self._clock(), reply.tokens)
-        reply.check()
+        outcome = "ok"
+        try:
+            reply.check()
+        except BrainUnavailableError:
+            outcome = "unusable"  # its tokens are spent all the same
+            raise
+        finally:
+            self.metrics.model_call(outcome, input_tokens=reply.input_tokens,
+                                    output_tokens=reply.output_tokens)
         return reply
 
     async def think(self, pending: Sequence[Case], findings: Sequence[Finding],
@@ -265,7 +281,8 @@ class Deliberator:
 
 
 def thinker_for(config: ConfigSet, persona_name: str, environ: Mapping[str, str], *,
-                settings: AnthropicBrain | None = None) -> Thinker | None:
+                settings: AnthropicBrain | None = None,
+                metrics: Metrics | None = None) -> Thinker | None:
     """The persona's model brain, or None when it runs the rules brain.
 
     ``settings`` overrides the persona file's (``zeta-agent think`` on a persona whose
@@ -280,7 +297,7 @@ def thinker_for(config: ConfigSet, persona_name: str, environ: Mapping[str, str]
     return Thinker(persona, config.policies_of(persona), brain,
                    templates=Path(located.file).parent,
                    key=lambda: api_key(persona, config.fleet, environ),
-                   base_url=environ.get(BASE_URL_ENV) or None)
+                   base_url=environ.get(BASE_URL_ENV) or None, metrics=metrics)
 
 
 def replay(snapshot: Snapshot, policies: Sequence[RepairPolicy], *,

@@ -149,12 +149,11 @@ class ControlPlane:
         """Start the three processes and wait until the API server is ready and the
         controller manager is working (the ``default`` ServiceAccount exists)."""
         started = time.monotonic()
-        binaries = self._binaries or ensure_binaries()
-        self._prepare()
-        self._etcd = self._process("etcd", self._etcd_args(binaries.etcd))
-        self._apiserver = self._process("kube-apiserver", self._apiserver_args(binaries.apiserver))
+        commands = self.commands(self._binaries or ensure_binaries())
+        self._etcd = self._process("etcd", commands["etcd"])
+        self._apiserver = self._process("kube-apiserver", commands["kube-apiserver"])
         self._controller_manager = self._process(
-            "kube-controller-manager", self._controller_manager_args(binaries.controller_manager))
+            "kube-controller-manager", commands["kube-controller-manager"])
         deadline = started + timeout
         try:
             self._etcd.start()
@@ -288,6 +287,18 @@ class ControlPlane:
 
     def _process(self, name: str, argv: list[str]) -> _Process:
         return _Process(name, argv, self.workdir / "logs" / f"{name}.log")
+
+    def commands(self, binaries: Binaries) -> dict[str, list[str]]:
+        """Write the PKI, token file and kubeconfigs, and return each program's argv.
+
+        For running the control plane under another supervisor (systemd in a test
+        container) with exactly the files and flags ``start()`` would use.
+        """
+        self._prepare()
+        return {"etcd": self._etcd_args(binaries.etcd),
+                "kube-apiserver": self._apiserver_args(binaries.apiserver),
+                "kube-controller-manager":
+                    self._controller_manager_args(binaries.controller_manager)}
 
     def _prepare(self) -> None:
         """PKI, tokens and kubeconfigs: made once per work directory, reused on a restart."""
