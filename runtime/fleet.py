@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 import structlog
 from kubernetes import client
 from nats.aio.msg import Msg
+from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
 from bus.connection import Connection
@@ -47,6 +49,7 @@ from runtime.coordinating import Roster
 from runtime.credentials import write_seed
 from runtime.durations import format_duration
 from runtime.loading import config_paths, load, yaml_files
+from runtime.natsserver import free_ports
 from runtime.watching import SUBJECT, View
 
 log = structlog.get_logger(__name__)
@@ -209,6 +212,7 @@ class AgentProcess:
     process: subprocess.Popen[bytes]
     log: Path
     notify: socket.socket | None = None
+    metrics: str | None = None  # host:port of its Prometheus endpoint, when it serves one
     ready: bool = False  # said READY=1
     watchdogs: int = 0  # WATCHDOG=1 pings
     stopping: bool = False  # said STOPPING=1
@@ -241,6 +245,18 @@ class AgentProcess:
                 self.stopping |= key == "STOPPING"
                 self.watchdogs += key == "WATCHDOG"
 
+    def scrape(self, timeout: float = 5.0) -> dict[str, float]:
+        """Its Prometheus metrics now, summed over labels: ``{sample name: value}``."""
+        if self.metrics is None:
+            raise FleetError(f"{self.name} serves no metrics")
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=timeout) as reply:
+            text = reply.read().decode()
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals
+
     def close(self) -> None:
         """Release the notify socket (after the last ``read_notifications``)."""
         if self.notify is not None:
@@ -249,11 +265,12 @@ class AgentProcess:
 
 
 def start_agent(config_dir: Path, name: str, workdir: Path, *,
-                watchdog: timedelta | None = None) -> AgentProcess:
+                watchdog: timedelta | None = None, metrics: str | None = None) -> AgentProcess:
     """Start ``python -m runtime run <name>`` in a session of its own, as systemd would.
 
     Its state directory, log and notify socket live under ``workdir``; ``watchdog``
-    sets ``WATCHDOG_USEC`` as ``WatchdogSec=`` would. A session of its own: a Ctrl-C
+    sets ``WATCHDOG_USEC`` as ``WatchdogSec=`` would; ``metrics`` (host:port) is where it
+    serves Prometheus metrics (``ZETA_METRICS_LISTEN``). A session of its own: a Ctrl-C
     in the terminal reaches whoever started it, which stops the agents in order.
     """
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
@@ -267,6 +284,8 @@ def start_agent(config_dir: Path, name: str, workdir: Path, *,
     env.update(STATE_DIRECTORY=str(state), PYTHONUNBUFFERED="1", NOTIFY_SOCKET=str(address))
     if watchdog is not None:
         env["WATCHDOG_USEC"] = str(watchdog // timedelta(microseconds=1))
+    if metrics is not None:
+        env["ZETA_METRICS_LISTEN"] = metrics
     log_file = workdir / "logs" / f"{name}.log"
     log_file.parent.mkdir(exist_ok=True)
     with log_file.open("wb") as out:  # the child keeps its own descriptor
@@ -275,7 +294,7 @@ def start_agent(config_dir: Path, name: str, workdir: Path, *,
              "--log-format", "json"],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
-    return AgentProcess(name, process, log_file, notify)
+    return AgentProcess(name, process, log_file, notify, metrics)
 
 
 def stop_agents(agents: Mapping[str, AgentProcess],
@@ -450,7 +469,9 @@ async def start_fleet(config_dir: Path, workdir: Path, bus_url: str, plane: Cont
     await asyncio.to_thread(install_kubernetes, config_dir, plane)
     fleet = AgentFleet(config_dir, bus_url, BusTap(bus_url, Roster.of(config), on_line))
     await fleet.tap.start()
-    for name in sorted(config.personas):
+    names = sorted(config.personas)
+    for name, port in zip(names, free_ports(len(names)), strict=True):
         fleet.agents[name] = start_agent(config_dir, name, workdir,
-                                         watchdog=max(TICK * 3, timedelta(seconds=3)))
+                                         watchdog=max(TICK * 3, timedelta(seconds=3)),
+                                         metrics=f"127.0.0.1:{port}")
     return fleet

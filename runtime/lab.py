@@ -115,6 +115,15 @@ class StepResult:
     story: list[tuple[str, str]] = field(default_factory=list)
 
 
+METRICS_SHOWN = {
+    "zeta_agent_ticks_total": "ticks",
+    "zeta_agent_proposals_total": "proposals",
+    "zeta_agent_votes_total": "votes",
+    "zeta_agent_executions_total": "executions",
+    "zeta_agent_messages_dropped_total": "dropped messages",
+}
+"""The counters the metrics step shows per agent, with their column titles."""
+
 _STYLE = {"finding": "yellow", "proposal": "cyan", "vote": "blue", "decision": "magenta",
           "started": "bold", "result": "green", "heartbeat": "dim", "control": "red"}
 
@@ -246,6 +255,7 @@ class Lab:
         self.say(f"working directory {self.workdir}")
         await self._setup()
         results = await self._drill()
+        results.append(await self._metrics_step(len(results) + 1))
         results.append(await self._audit_step(len(results) + 1))
         self._summary(results)
         self.code = 0 if all(r.passed for r in results) else 1
@@ -669,6 +679,40 @@ class Lab:
                            + f"; decision {decision.outcome}, vetoes: "
                              f"{', '.join(decision.vetoes) or 'none'}; {result.observed}")
 
+    async def _metrics_step(self, number: int) -> StepResult:
+        """Every agent's Prometheus endpoint, scraped as a monitoring system would."""
+        assert self.fleet is not None
+        agents = self.fleet.agents
+        expected = "every agent serves /metrics, its ticks advance" + (
+            ", the forged votes are counted as dropped" if self.forged_ids else "")
+        result = StepResult(number, "Prometheus metrics", expected)
+        self.console.print(Rule(f"step {number}: Prometheus metrics"))
+        started = time.monotonic()
+        table = Table(title="scraped from each agent's /metrics (sums over labels)",
+                      title_justify="left")
+        for column in ("persona", *METRICS_SHOWN.values()):
+            table.add_column(column, justify="left" if column == "persona" else "right")
+        scraped: dict[str, dict[str, float]] = {}
+        for name, agent in sorted(agents.items()):
+            try:
+                scraped[name] = await asyncio.to_thread(agent.scrape)
+            except (OSError, ValueError, FleetError) as exc:
+                result.story.append(("error", f"{name} ({agent.metrics}): {exc}"))
+                continue
+            table.add_row(name, *(f"{scraped[name].get(metric, 0):g}" for metric in METRICS_SHOWN))
+            result.story.append(("scraped", f"{name}: http://{agent.metrics}/metrics"))
+        self.console.print(table)
+        result.seconds = time.monotonic() - started
+        ticks = [totals.get("zeta_agent_ticks_total", 0.0) for totals in scraped.values()]
+        dropped = sum(t.get("zeta_agent_messages_dropped_total", 0.0) for t in scraped.values())
+        result.passed = (len(scraped) == len(agents) and min(ticks, default=0.0) > 0
+                         and (dropped > 0 or not self.forged_ids))
+        result.observed = (f"{len(scraped)}/{len(agents)} agents scraped; ticks "
+                           f"{min(ticks, default=0):g}-{max(ticks, default=0):g}; "
+                           f"{dropped:g} messages dropped")
+        self._show(result)
+        return result
+
     async def _audit_step(self, number: int) -> StepResult:
         """``zeta-agent audit verify`` on ZETA_AUDIT: only the forged votes may be flagged."""
         expected = ("every repair that ran had a valid quorum; the only invalid messages "
@@ -733,8 +777,11 @@ class Lab:
             f"  kubectl --kubeconfig {otto} get nodes    # Otto's own user, bound to its RBAC",
             f"  curl --cacert {self.plane.ca_file} -H 'Authorization: Bearer "
             f"{self.plane.token(ADMIN)}' {self.plane.url}/api/v1/nodes    # without kubectl",
-            f"  tail -f {self.workdir}/logs/*.log    # each agent's JSON log",
         ]
+        assert self.fleet is not None
+        lines += [f"  curl -s http://{agent.metrics}/metrics    # {name}'s Prometheus metrics"
+                  for name, agent in sorted(self.fleet.agents.items()) if agent.metrics]
+        lines.append(f"  tail -f {self.workdir}/logs/*.log    # each agent's JSON log")
         if shutil.which("kubectl") is None:
             lines.append(f"  (kubectl is not installed: curl -LO https://dl.k8s.io/release/"
                          f"{KUBECTL_VERSION}/bin/linux/amd64/kubectl && chmod +x kubectl, "

@@ -84,9 +84,9 @@ def test_the_whole_drill_passes_and_leaves_nothing_running(k8s_binaries: Binarie
     check_nothing_left(output)
     assert re.search(r"^lab \| all 5 agents ready \(READY=1\): alexa, lior, otto, riven, vera",
                      output, re.MULTILINE), output
-    for number in range(1, len(STEPS) + 2):
+    for number in range(1, len(STEPS) + 3):  # the drill, the metrics, audit verify
         assert re.search(rf"^lab \| step {number} PASS in ", output, re.MULTILINE), output
-    assert "drill: 6/6 steps passed" in output
+    assert "drill: 7/7 steps passed" in output
     # What each step shows, as the agents said it on the bus.
     assert re.search(r"otto proposes k8s\.node\.cordon on node\.worker-\d", output), output
     assert re.search(r"(alexa|riven|vera|lior) votes approve: confirmed from ", output), output
@@ -145,6 +145,11 @@ def test_keep_leaves_it_up_with_the_commands_to_explore_it_until_ctrl_c(
                            capture_output=True, text=True, timeout=30, check=False)
     assert nodes.returncode == 0, nodes.stderr
     assert nodes.stdout.count('"worker-') >= 6
+    metrics = re.findall(r"curl -s (http://127\.0\.0\.1:\d+/metrics)    # (\w+)'s", text)
+    assert sorted(name for _, name in metrics) == ["alexa", "lior", "otto", "riven", "vera"]
+    scraped = subprocess.run(["curl", "-sf", metrics[0][0]], capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert 'zeta_agent_ticks_total{persona="' in scraped.stdout, scraped
     lab.send_signal(signal.SIGINT)
     output = text + lab.communicate()[0]
     assert lab.returncode == 0, output  # the drill (no steps, audit verify) passed
