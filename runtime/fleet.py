@@ -216,6 +216,20 @@ class AgentProcess:
     ready: bool = False  # said READY=1
     watchdogs: int = 0  # WATCHDOG=1 pings
     stopping: bool = False  # said STOPPING=1
+    _reading: asyncio.AbstractEventLoop | None = None  # the loop draining the notify socket
+
+    def listen(self) -> None:
+        """Read notifications as they arrive, as systemd does: an undrained socket fills
+        up after a few datagrams and the agent's watchdog pings would be lost."""
+        if self.notify is not None and self._reading is None:
+            self._reading = asyncio.get_running_loop()
+            self._reading.add_reader(self.notify.fileno(), self.read_notifications)
+
+    def stop_listening(self) -> None:
+        """Stop reading as notifications arrive (on the loop that ``listen`` used)."""
+        if self._reading is not None and self.notify is not None:
+            self._reading.remove_reader(self.notify.fileno())
+        self._reading = None
 
     def events(self) -> list[dict[str, Any]]:
         """The JSON log lines so far (anything else, e.g. a traceback, is kept as text)."""
@@ -442,6 +456,8 @@ class AgentFleet:
 
     async def stop(self) -> dict[str, int]:
         """Stop every agent (SIGTERM, then SIGKILL) and the tap; the exit codes by name."""
+        for agent in self.agents.values():
+            agent.stop_listening()  # here, on the loop: stop_agents runs in a thread
         try:
             return await asyncio.to_thread(stop_agents, self.agents)
         finally:
@@ -474,4 +490,5 @@ async def start_fleet(config_dir: Path, workdir: Path, bus_url: str, plane: Cont
         fleet.agents[name] = start_agent(config_dir, name, workdir,
                                          watchdog=max(TICK * 3, timedelta(seconds=3)),
                                          metrics=f"127.0.0.1:{port}")
+        fleet.agents[name].listen()
     return fleet

@@ -37,6 +37,7 @@ from runtime.acting import Actuator, Fence, Outcome
 from runtime.catalog import UnitParams
 from runtime.config import Persona
 from runtime.engine import Intent
+from runtime.notifying import child_environment
 from runtime.observations import UnitObs
 from runtime.observing import UNIT_PROPERTIES, parse_show, show_properties
 from runtime.scopes import ScopeError, allows
@@ -157,7 +158,8 @@ class Systemctl:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE,
+                env=child_environment())
         except OSError as exc:
             raise SystemctlError(argv, f"cannot run it: {exc.strerror or exc}") from exc
         try:

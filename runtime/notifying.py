@@ -19,6 +19,19 @@ import structlog
 log = structlog.get_logger()
 
 
+SERVICE_MANAGER_VARIABLES = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+
+
+def child_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The agent's environment without its line to the service manager, for children.
+
+    systemd's own tools report a failure on ``$NOTIFY_SOCKET`` when they find one
+    (``ERRNO=…``): a ``systemctl`` the agent runs would speak for the agent, and where
+    nobody drains the socket (a test harness, not systemd) it blocks on the send.
+    """
+    return {k: v for k, v in environ.items() if k not in SERVICE_MANAGER_VARIABLES}
+
+
 class Notifier:
     """Sends sd_notify messages; silently does nothing when there is no socket."""
 

@@ -25,6 +25,7 @@ import structlog
 
 from runtime.catalog import UnitParams
 from runtime.config import Fleet, RepairPolicy, UnitFailedDetect
+from runtime.notifying import child_environment
 from runtime.observations import (
     ApiProbe,
     EventObs,
@@ -199,7 +200,8 @@ class UnitObserver:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=child_environment())
         except OSError as exc:
             return _failed(f"cannot run {self.systemctl}: {exc.strerror or exc}")
         try:

@@ -32,7 +32,8 @@ from runtime.hosting import (
     host_actuators,
 )
 from runtime.loading import config_paths, load
-from tests.builders import intent, persona, stale
+from runtime.observing import UnitObserver
+from tests.builders import T0, intent, persona, stale
 
 HOST = "cp-1"
 OTTO = persona("otto", scopes=["host:units:restart:k3s.service",
@@ -41,9 +42,10 @@ OTTO = persona("otto", scopes=["host:units:restart:k3s.service",
 RIVEN = persona("riven", tier="observe", scopes=["bus:vote"], duties=("vote",))
 
 FAKE = '''\
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 here = Path(__file__).parent
+(here / "environ.json").write_text(json.dumps(sorted(os.environ)))
 state = json.loads((here / "state.json").read_text())
 with (here / "calls.jsonl").open("a") as log:
     log.write(json.dumps(sys.argv[1:]) + "\\n")
@@ -169,6 +171,23 @@ async def test_restart_runs_a_strict_argv_and_verifies(fake: FakeSystemctl) -> N
                              "SubState,NRestarts,UnitFileState", "--", "k3s.service"]
     assert logs == [{"event": "host change made", "verb": "restart", "unit": "k3s.service",
                      "log_level": "info"}]
+
+
+async def test_systemctl_never_inherits_the_agents_line_to_systemd(
+        fake: FakeSystemctl, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # systemd's tools report their failures on $NOTIFY_SOCKET: one the agent runs would
+    # speak for the agent (and block where nobody reads the socket).
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "60000000")
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    fake.unit("k3s.service", "failed", "failed")
+    for run in (lambda: _run("host.unit.restart", restart()),
+                lambda: UnitObserver(["k3s.service"]).observe(T0)):
+        (fake.directory / "environ.json").unlink(missing_ok=True)
+        await run()
+        seen = set(json.loads((fake.directory / "environ.json").read_text()))
+        assert "PATH" in seen
+        assert not seen & {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
 
 
 async def test_a_unit_left_failed_is_reported_as_a_failure(fake: FakeSystemctl) -> None:
