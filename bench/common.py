@@ -8,12 +8,15 @@ from all of them into one summary.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.quorum import machine, percentile
 
-__all__ = ["Check", "load_average", "machine_lines", "percentile", "spread"]
+__all__ = ["Check", "load_average", "machine_lines", "percentile", "spread", "work_directory"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,12 @@ def load_average() -> str:
 def machine_lines() -> list[str]:
     """The machine (as ``bench/quorum.py`` prints it) and its load now."""
     return [*machine(), load_average()]
+
+
+def work_directory(stack: ExitStack, given: Path | None, prefix: str) -> Path:
+    """``given`` (created; it must not exist yet, so nothing is overwritten), or a
+    temporary directory removed when ``stack`` closes."""
+    if given is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    given.mkdir(parents=True)
+    return given

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -42,7 +41,7 @@ from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
-from bench.common import Check, machine_lines, spread
+from bench.common import Check, machine_lines, spread, work_directory
 from bus.envelope import Accepted
 from bus.messages import Decision, Finding, Proposal, Result, Started
 from runtime import logs
@@ -323,12 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure("console", level="warning", stream=sys.stderr)
     setup: list[str] = []
     with ExitStack() as stack:
-        if args.workdir is None:
-            work = Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="zeta-bench-detection-")))
-        else:
-            work = args.workdir
-            work.mkdir(parents=True)
+        work = work_directory(stack, args.workdir, "zeta-bench-detection-")
         runs = asyncio.run(measure(work, args.repeat, args.nodes,
                                    timedelta(seconds=args.tick), setup))
     lines = [*machine_lines(), *report(runs, "; ".join(setup), args.tick)]

@@ -34,7 +34,6 @@ import contextlib
 import os
 import select
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -43,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from bench.common import Check, machine_lines, spread
+from bench.common import Check, machine_lines, spread, work_directory
 from runtime import logs
 from runtime.cluster.building import ensure_binaries
 from runtime.cluster.controlplane import ControlPlane
@@ -306,12 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--starts ≥ 1 and --window ≥ 1")
     logs.configure("console", level="warning", stream=sys.stderr)
     with ExitStack() as stack:
-        if args.workdir is None:
-            work = Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="zeta-bench-footprint-")))
-        else:
-            work = args.workdir
-            work.mkdir(parents=True)
+        work = work_directory(stack, args.workdir, "zeta-bench-footprint-")
         cases = run(work, args.persona, args.starts, args.window)
     lines = [*machine_lines(), f"footprint of {args.persona}, tick {TICK.total_seconds():g} s"]
     for case in cases:

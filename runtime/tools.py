@@ -110,6 +110,25 @@ def build_lock(path: Path, progress: Progress) -> Iterator[None]:
         yield
 
 
+def cached(path: Path, build: Callable[[Path], None], progress: Progress = _stderr) -> Path:
+    """``path``, made by ``build(scratch)`` the first time, once per machine.
+
+    Under a lock (parallel callers wait for one build), into a temporary sibling that
+    is renamed into place only when complete: a killed build leaves nothing that a
+    later run would trust.
+    """
+    if path.exists():
+        return path
+    with build_lock(path.parent / f".{path.name}.lock", progress):
+        if path.exists():  # built by whoever held the lock before us
+            return path
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as scratch:
+            target = Path(scratch) / path.name
+            build(target)
+            target.replace(path)
+    return path
+
+
 def ensure_built(tool: GoTool, *, environ: Mapping[str, str] = os.environ,
                  progress: Progress = _stderr) -> Path:
     """The tool's binary, built once per machine (a lock keeps parallel callers to one build).

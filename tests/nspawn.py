@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from runtime.tools import Progress, build_lock, cache_dir
+from runtime.tools import Progress, cache_dir, cached
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
@@ -124,24 +124,17 @@ def ensure_root(cache: Path, progress: Progress = _stderr) -> Path:
     mirror = debian_mirror()
     key = _digest(SUITE, "minbase", *PACKAGES)
     root = cache / "nspawn" / f"root-{key}"
-    if root.is_dir():
-        return root
-    with build_lock(root.parent / f".root-{key}.lock", progress):
-        if root.is_dir():  # built by whoever held the lock before us
-            return root
+
+    def build(target: Path) -> None:
         progress(f"debootstrap {SUITE} into {root} (once per machine; about a minute)")
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(dir=root.parent, prefix=".build-") as scratch:
-            target = Path(scratch) / "root"
-            _check(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                    SUITE, str(target), mirror], "debootstrap")
-            # The host's name came along; the container is a machine of its own.
-            (target / "etc" / "hostname").write_text("zeta-e2e\n", encoding="utf-8")
-            # Renamed into place only when complete: a killed build leaves no root
-            # that later runs would trust.
-            target.replace(root)
+        _check(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+                SUITE, str(target), mirror], "debootstrap")
+        # The host's name came along; the container is a machine of its own.
+        (target / "etc" / "hostname").write_text("zeta-e2e\n", encoding="utf-8")
         progress(f"built {root} in {time.monotonic() - started:.0f}s")
-    return root
+
+    return cached(root, build, progress)
 
 
 def _requirements() -> list[str]:
@@ -163,23 +156,18 @@ def ensure_wheelhouse(cache: Path, progress: Progress = _stderr) -> Path:
     requirements, constraints = _requirements(), _constraints()
     key = _digest(*requirements, constraints)
     wheels = cache / "nspawn" / f"wheels-{key}"
-    if wheels.is_dir():
-        return wheels
-    with build_lock(wheels.parent / f".wheels-{key}.lock", progress):
-        if wheels.is_dir():
-            return wheels
+
+    def build(target: Path) -> None:
         progress(f"pip wheel {len(requirements)} requirements into {wheels}")
-        with tempfile.TemporaryDirectory(dir=wheels.parent, prefix=".build-") as scratch:
-            target = Path(scratch) / "wheels"
-            target.mkdir()
-            (target / "requirements.txt").write_text("\n".join(requirements) + "\n",
-                                                     encoding="utf-8")
-            (target / "constraints.txt").write_text(constraints, encoding="utf-8")
-            _check([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-                    "--wheel-dir", str(target), "-r", str(target / "requirements.txt"),
-                    "-c", str(target / "constraints.txt")], "pip wheel")
-            target.replace(wheels)
-    return wheels
+        target.mkdir()
+        (target / "requirements.txt").write_text("\n".join(requirements) + "\n",
+                                                 encoding="utf-8")
+        (target / "constraints.txt").write_text(constraints, encoding="utf-8")
+        _check([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+                "--wheel-dir", str(target), "-r", str(target / "requirements.txt"),
+                "-c", str(target / "constraints.txt")], "pip wheel")
+
+    return cached(wheels, build, progress)
 
 
 @contextmanager
@@ -208,32 +196,28 @@ def ensure_venv_layer(root: Path, wheels: Path, cache: Path, progress: Progress 
     """An overlay layer on ``root`` adding ``/opt/zeta-agent``: a venv with the dependencies."""
     key = _digest(root.name, wheels.name)
     layer = cache / "nspawn" / f"venv-{key}"
-    if layer.is_dir():
-        return layer
-    with build_lock(layer.parent / f".venv-{key}.lock", progress):
-        if layer.is_dir():
-            return layer
+
+    def build(target: Path) -> None:
         progress(f"installing the dependencies into {VENV} in {layer}")
-        with tempfile.TemporaryDirectory(dir=layer.parent, prefix=".build-") as scratch:
-            upper = Path(scratch) / "upper"
-            with overlay([root], upper, Path(scratch) / "work", Path(scratch) / "merged") as tree:
-                # The venv is made inside the container's root, with its python3, so
-                # its paths and interpreter are the container's own.
-                for argv in (["/usr/bin/python3", "-m", "venv", VENV],
-                             [f"{VENV}/bin/pip", "install", "--quiet", "--no-index",
-                              "--no-cache-dir", "--disable-pip-version-check",
-                              "--find-links", "/mnt/wheels", "-r", "/mnt/wheels/requirements.txt",
-                              "-c", "/mnt/wheels/constraints.txt"]):
-                    _check(_nspawn_argv(tree, f"--bind-ro={wheels}:/mnt/wheels",
-                                        "--resolv-conf=off", "--timezone=off", *argv),
-                           f"in the container: {' '.join(argv)}")
-            # Only the venv is kept: nspawn's own traces (machine-id, mount points) are
-            # for each run to make afresh.
-            kept = Path(scratch) / "layer"
-            (kept / VENV.lstrip("/")).parent.mkdir(parents=True)
-            (upper / VENV.lstrip("/")).replace(kept / VENV.lstrip("/"))
-            kept.replace(layer)
-    return layer
+        scratch = target.parent
+        upper = scratch / "upper"
+        with overlay([root], upper, scratch / "work", scratch / "merged") as tree:
+            # The venv is made inside the container's root, with its python3, so its
+            # paths and interpreter are the container's own.
+            for argv in (["/usr/bin/python3", "-m", "venv", VENV],
+                         [f"{VENV}/bin/pip", "install", "--quiet", "--no-index",
+                          "--no-cache-dir", "--disable-pip-version-check",
+                          "--find-links", "/mnt/wheels", "-r", "/mnt/wheels/requirements.txt",
+                          "-c", "/mnt/wheels/constraints.txt"]):
+                _check(_nspawn_argv(tree, f"--bind-ro={wheels}:/mnt/wheels",
+                                    "--resolv-conf=off", "--timezone=off", *argv),
+                       f"in the container: {' '.join(argv)}")
+        # Only the venv is kept: nspawn's own traces (machine-id, mount points) are for
+        # each run to make afresh.
+        (target / VENV.lstrip("/")).parent.mkdir(parents=True)
+        (upper / VENV.lstrip("/")).replace(target / VENV.lstrip("/"))
+
+    return cached(layer, build, progress)
 
 
 def ensure_build_wheels(cache: Path, progress: Progress = _stderr) -> Path:
@@ -243,17 +227,12 @@ def ensure_build_wheels(cache: Path, progress: Progress = _stderr) -> Path:
     requires = sorted({*pyproject["build-system"]["requires"], "wheel"})
     key = _digest(*requires)
     wheels = cache / "nspawn" / f"build-{key}"
-    if wheels.is_dir():
-        return wheels
-    with build_lock(wheels.parent / f".build-{key}.lock", progress):
-        if wheels.is_dir():
-            return wheels
-        with tempfile.TemporaryDirectory(dir=wheels.parent, prefix=".build-") as scratch:
-            target = Path(scratch) / "wheels"
-            _check([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-                    "--wheel-dir", str(target), *requires], "pip wheel (build requirements)")
-            target.replace(wheels)
-    return wheels
+
+    def build(target: Path) -> None:
+        _check([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+                "--wheel-dir", str(target), *requires], "pip wheel (build requirements)")
+
+    return cached(wheels, build, progress)
 
 
 def project_wheel(into: Path, build_wheels: Path) -> Path:
