@@ -280,6 +280,7 @@ SKIP_PREFIXES: dict[str, str] = {
                   "tests/test_e2e_systemd.py does it in a booted Debian root",
     "journalctl ": "reads the real host's journal",
     ".venv/bin/python bench/": "a benchmark: minutes of CPU, not a test (docs/benchmarks.md)",
+    ".venv/bin/python -m bench": "a benchmark: minutes of CPU, not a test (docs/benchmarks.md)",
 }
 
 

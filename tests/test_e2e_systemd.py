@@ -329,6 +329,15 @@ def test_every_persona_reaches_active_running_via_ready(host: Host) -> None:
     assert hidden.returncode != 0
 
 
+def crash(box: Container, unit: str) -> None:
+    """SIGKILL the unit's main process, as a crash would.
+
+    Not ``systemctl kill``: on this host's cgroup v1 it also signals the unit's other
+    processes through the cgroup, and once failed with EIO on a process on its way out.
+    """
+    box.run(["kill", "-9", str(box.state(unit).main_pid)])
+
+
 def test_kill_9_is_restarted_by_systemd(fleet: Host) -> None:
     box = fleet.box
     before = box.state(agent("alexa"))
@@ -442,7 +451,7 @@ def test_api_server_outage_is_repaired_through_systemd_after_a_quorum(fleet: Hos
     # First without otto, the only persona holding host:units:restart:k3s.service, so
     # vera (who watches the API server but holds no host scope) is the one to act.
     box.systemctl("stop", agent("otto"))
-    box.systemctl("kill", "--signal=SIGKILL", "k3s.service")
+    crash(box, "k3s.service")
     box.wait_for("k3s.service", "down", lambda s: s.active in ("failed", "inactive"),
                  timeout=30)
     fleet.progress("k3s.service (kube-apiserver) killed, otto stopped")
@@ -518,7 +527,7 @@ spec:
     try:
         since = fleet.now()
         earlier = {s["repair"] for s in fleet.audit()}
-        box.systemctl("kill", "--signal=SIGKILL", "k3s.service")
+        crash(box, "k3s.service")
         fleet.wait_event("otto", since, "restarting k3s.service",
                          lambda e: e.get("event") == "host change made"
                          and e.get("unit") == "k3s.service", timeout=REPAIR_TIMEOUT)
