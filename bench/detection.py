@@ -61,6 +61,7 @@ from runtime.fleet import (
     wait_until,
 )
 from runtime.natsserver import NatsServer
+from runtime.tools import stderr_progress as progress
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -294,11 +295,6 @@ async def measure(workdir: Path, repetitions: int, nodes: int, tick: timedelta,
 def _cycle(names: Sequence[str]) -> Iterator[str]:
     while True:
         yield from names
-
-
-def progress(line: str) -> None:
-    """A progress line on stderr; the results go to stdout."""
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,7 @@ from runtime.fleet import (
     stop_agents,
 )
 from runtime.natsserver import NatsServer
+from runtime.tools import stderr_progress as progress
 
 RSS_TARGET = 80e6  # bytes
 CPU_TARGET = 0.01  # of one core
@@ -282,11 +283,6 @@ def run(workdir: Path, persona: str, starts: int, window: float) -> list[Case]:
                 measure(cases[1], cluster / "config", cluster, persona, starts=starts,
                         window=window)
     return cases
-
-
-def progress(line: str) -> None:
-    """A progress line on stderr; the results go to stdout."""
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,6 +81,7 @@ from runtime.cluster.observing import (
     endpoints,
     load_client,
 )
+from runtime.tools import stderr_progress as progress
 
 REPLICAS = 100  # per Deployment (live)
 NAMESPACE = "bench"
@@ -347,11 +348,6 @@ POPULATIONS = {
 def control_plane_rss(cp: ControlPlane) -> dict[str, float]:
     """The RSS of each control-plane process now, in MiB."""
     return {name: round(rss_mib(pid), 1) for name, pid in cp.pids.items()}
-
-
-def progress(line: str) -> None:
-    """A progress line on stderr (stdout is the JSON summary)."""
-    print(line, file=sys.stderr, flush=True)
 
 
 def read_event(stream: IO[str], event: str) -> dict[str, Any]:

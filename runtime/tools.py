@@ -90,7 +90,8 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(given) if given else Path(environ.get("HOME", Path.home())) / ".cache/zeta-agent"
 
 
-def _stderr(line: str) -> None:
+def stderr_progress(line: str) -> None:
+    """The default ``Progress``: one line on stderr, at once (stdout is for results)."""
     print(line, file=sys.stderr, flush=True)
 
 
@@ -110,16 +111,17 @@ def build_lock(path: Path, progress: Progress) -> Iterator[None]:
         yield
 
 
-def cached(path: Path, build: Callable[[Path], None], progress: Progress = _stderr) -> Path:
+def cached(path: Path, build: Callable[[Path], None], progress: Progress = stderr_progress) -> Path:
     """``path``, made by ``build(scratch)`` the first time, once per machine.
 
-    Under a lock (parallel callers wait for one build), into a temporary sibling that
-    is renamed into place only when complete: a killed build leaves nothing that a
-    later run would trust.
+    Under the lock of its directory (``.lock``: parallel callers wait for one build;
+    ``build`` must not itself wait for that lock), into a temporary sibling that is
+    renamed into place only when complete: a killed build leaves nothing that a later
+    run would trust.
     """
     if path.exists():
         return path
-    with build_lock(path.parent / f".{path.name}.lock", progress):
+    with build_lock(path.parent / ".lock", progress):
         if path.exists():  # built by whoever held the lock before us
             return path
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as scratch:
@@ -130,19 +132,13 @@ def cached(path: Path, build: Callable[[Path], None], progress: Progress = _stde
 
 
 def ensure_built(tool: GoTool, *, environ: Mapping[str, str] = os.environ,
-                 progress: Progress = _stderr) -> Path:
+                 progress: Progress = stderr_progress) -> Path:
     """The tool's binary, built once per machine (a lock keeps parallel callers to one build).
 
     Raises ToolUnavailableError if ``go`` is not on ``PATH`` or the build fails.
     """
-    target = tool.path(cache_dir(environ))
-    if target.exists():
-        return target
-    with build_lock(target.parent / ".lock", progress):
-        if target.exists():  # built by whoever held the lock before us
-            return target
-        _build(tool, target, environ, progress)
-    return target
+    path = tool.path(cache_dir(environ))
+    return cached(path, lambda target: _build(tool, target, path, environ, progress), progress)
 
 
 def find_go(environ: Mapping[str, str], building: str) -> str:
@@ -153,39 +149,38 @@ def find_go(environ: Mapping[str, str], building: str) -> str:
     return go
 
 
-def _build(tool: GoTool, target: Path, environ: Mapping[str, str], progress: Progress) -> None:
-    go = find_go(environ, f"{tool.binary} {tool.version} ({tool.package}) into {target.parent}")
-    progress(f"building {tool.package}@{tool.version} with {go} into {target.parent} "
+def _build(tool: GoTool, target: Path, path: Path, environ: Mapping[str, str],
+           progress: Progress) -> None:
+    """``go install`` the tool as ``target`` (in ``cached``'s scratch directory, with the
+    binary's own name, so nothing needs moving), on its way to ``path``."""
+    go = find_go(environ, f"{tool.binary} {tool.version} ({tool.package}) into {path.parent}")
+    progress(f"building {tool.package}@{tool.version} with {go} into {path.parent} "
              f"(once per machine; about a minute)")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
-        env = {**environ, "GOBIN": scratch, "GOFLAGS": "-mod=mod",
-               # A static binary: the build must not depend on a C toolchain being installed.
-               "CGO_ENABLED": "0"}
-        try:
-            with subprocess.Popen([go, "install", f"{tool.package}@{tool.version}"],
-                                  cwd=scratch, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) as proc:
-                assert proc.stdout is not None
-                tail: list[str] = []
-                for line in proc.stdout:
-                    progress(f"  {line.rstrip()}")
-                    tail = [*tail[-19:], line.rstrip()]
-                code = proc.wait(timeout=BUILD_TIMEOUT)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ToolUnavailableError(f"go install {tool.package}@{tool.version}: {exc}") from exc
-        built = Path(scratch) / tool.binary
-        if code != 0 or not built.exists():
-            raise ToolUnavailableError(
-                f"go install {tool.package}@{tool.version} failed (exit {code}): "
-                + " | ".join(tail[-5:]))
-        # Renamed into place only when complete, so a killed build never leaves a
-        # half-written binary that later runs would trust.
-        built.replace(target)
-    progress(f"built {target} in {time.monotonic() - started:.0f}s")
+    scratch = target.parent
+    env = {**environ, "GOBIN": str(scratch), "GOFLAGS": "-mod=mod",
+           # A static binary: the build must not depend on a C toolchain being installed.
+           "CGO_ENABLED": "0"}
+    try:
+        with subprocess.Popen([go, "install", f"{tool.package}@{tool.version}"],
+                              cwd=scratch, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+            assert proc.stdout is not None
+            tail: list[str] = []
+            for line in proc.stdout:
+                progress(f"  {line.rstrip()}")
+                tail = [*tail[-19:], line.rstrip()]
+            code = proc.wait(timeout=BUILD_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ToolUnavailableError(f"go install {tool.package}@{tool.version}: {exc}") from exc
+    if code != 0 or not target.exists():
+        raise ToolUnavailableError(
+            f"go install {tool.package}@{tool.version} failed (exit {code}): "
+            + " | ".join(tail[-5:]))
+    progress(f"built {path} in {time.monotonic() - started:.0f}s")
 
 
-def natscli(environ: Mapping[str, str] = os.environ, progress: Progress = _stderr) -> Path:
+def natscli(environ: Mapping[str, str] = os.environ, progress: Progress = stderr_progress) -> Path:
     """The pinned ``nats`` CLI, built on first use."""
     return ensure_built(NATSCLI, environ=environ, progress=progress)
 
@@ -382,16 +377,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             print(natscli())
         except ToolUnavailableError as exc:
-            _stderr(f"error: {exc}")
+            stderr_progress(f"error: {exc}")
             return 2
         return 0
     if args.check:
         stale = stale_docs()
         for path in stale:
-            _stderr(f"out of date: {path.relative_to(REPO)}")
+            stderr_progress(f"out of date: {path.relative_to(REPO)}")
         return 1 if stale else 0
     for path in write_docs():
-        _stderr(f"wrote {path.relative_to(REPO)}")
+        stderr_progress(f"wrote {path.relative_to(REPO)}")
     return 0
 
 

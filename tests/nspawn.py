@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from runtime.tools import Progress, cache_dir, cached
+from runtime.tools import Progress, cache_dir, cached, stderr_progress
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
@@ -56,10 +56,6 @@ STOP_TIMEOUT = 30.0
 
 class NspawnError(RuntimeError):
     """The container could not be built, booted or driven; the message says why."""
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def prerequisites() -> list[str]:
@@ -119,7 +115,7 @@ def debian_mirror(apt: Path = Path("/etc/apt")) -> str:
     raise NspawnError(f"no Debian {SUITE} mirror in the APT sources under {apt}")
 
 
-def ensure_root(cache: Path, progress: Progress = _stderr) -> Path:
+def ensure_root(cache: Path, progress: Progress = stderr_progress) -> Path:
     """The debootstrapped root for ``PACKAGES``, built once per machine and never modified."""
     mirror = debian_mirror()
     key = _digest(SUITE, "minbase", *PACKAGES)
@@ -151,7 +147,7 @@ def _constraints() -> str:
                    "--disable-pip-version-check"], "pip freeze", timeout=120)
 
 
-def ensure_wheelhouse(cache: Path, progress: Progress = _stderr) -> Path:
+def ensure_wheelhouse(cache: Path, progress: Progress = stderr_progress) -> Path:
     """Wheels of every dependency at the host venv's versions, built once per version set."""
     requirements, constraints = _requirements(), _constraints()
     key = _digest(*requirements, constraints)
@@ -192,7 +188,8 @@ def _nspawn_argv(directory: Path, *options: str) -> list[str]:
             f"--directory={directory}", *options]
 
 
-def ensure_venv_layer(root: Path, wheels: Path, cache: Path, progress: Progress = _stderr) -> Path:
+def ensure_venv_layer(root: Path, wheels: Path, cache: Path,
+                      progress: Progress = stderr_progress) -> Path:
     """An overlay layer on ``root`` adding ``/opt/zeta-agent``: a venv with the dependencies."""
     key = _digest(root.name, wheels.name)
     layer = cache / "nspawn" / f"venv-{key}"
@@ -220,7 +217,7 @@ def ensure_venv_layer(root: Path, wheels: Path, cache: Path, progress: Progress 
     return cached(layer, build, progress)
 
 
-def ensure_build_wheels(cache: Path, progress: Progress = _stderr) -> Path:
+def ensure_build_wheels(cache: Path, progress: Progress = stderr_progress) -> Path:
     """Wheels of the project's build requirements, so building its wheel needs no index."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     # ``wheel`` too: a setuptools older than 70.1 asks for it to build a wheel.
@@ -281,7 +278,7 @@ class Container:
     """
 
     def __init__(self, workdir: Path, *, name: str = "zeta-e2e", binds: Sequence[Path] = (),
-                 writable_binds: Sequence[Path] = (), progress: Progress = _stderr,
+                 writable_binds: Sequence[Path] = (), progress: Progress = stderr_progress,
                  cache: Path | None = None) -> None:
         self.workdir = workdir
         self.name = name

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from runtime.tools import Progress, ToolUnavailableError, build_lock, cache_dir, find_go
+from runtime.tools import (
+    Progress,
+    ToolUnavailableError,
+    build_lock,
+    cache_dir,
+    find_go,
+    stderr_progress,
+)
 
 KUBERNETES_VERSION = "v1.37.2"
 STAGING_VERSION = "v0.37.2"
@@ -107,12 +114,8 @@ def version_ldflags() -> str:
     return " ".join(["-s", "-w", *flags])  # -s -w: no symbol tables, a third smaller
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def ensure_binaries(environ: Mapping[str, str] = os.environ,
-                    progress: Progress = _stderr) -> Binaries:
+                    progress: Progress = stderr_progress) -> Binaries:
     """The pinned control-plane binaries, built into the cache on first use.
 
     Raises ToolUnavailableError if ``go`` is missing or the build fails (the message
@@ -220,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         found = ensure_binaries()
     except ToolUnavailableError as exc:
-        _stderr(f"error: {exc}")
+        stderr_progress(f"error: {exc}")
         return 2
     for path in (found.apiserver, found.controller_manager, found.etcd):
         print(path)
