@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import heapq
 import json
 import os
 import sys
@@ -281,9 +282,10 @@ class Cache:
         return keys
 
     def _forget_oldest_events(self) -> None:
+        # Usually one over (an event from the watch): no full sort for that.
         oldest = datetime.min.replace(tzinfo=UTC)
-        ranked = sorted(self.events, key=lambda k: self.events[k].last_seen or oldest)
-        for k in ranked[:len(ranked) - self.MAX_EVENTS]:
+        for k in heapq.nsmallest(len(self.events) - self.MAX_EVENTS, self.events,
+                                 key=lambda k: self.events[k].last_seen or oldest):
             del self.events[k]
 
     def remove(self, resource: str, keys: Iterable[Key]) -> None:
