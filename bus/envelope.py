@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_serializer
 
 from bus import ids, subjects
 from bus.keys import Signer, verify
@@ -36,11 +36,11 @@ class Envelope(BaseModel):
     id: str = Field(pattern=r"^[0-7][0-9a-hjkmnp-tv-z]{25}$")
     sender: str = Field(alias="from", pattern=subjects.PERSONA_NAME.pattern)
     host: str = Field(max_length=253)
-    at: datetime
+    at: AwareDatetime  # a naive time cannot be compared with a deadline: refused here
     repair: str | None = Field(default=None, pattern=r"^[0-7][0-9a-hjkmnp-tv-z]{25}$")
     body: dict[str, Any]
-    key: str
-    sig: str
+    key: str = Field(max_length=64)
+    sig: str = Field(max_length=128)
 
     @field_serializer("at")
     def _at(self, value: datetime) -> str:
@@ -88,7 +88,8 @@ def seal(kind: Kind, *, sender: str, host: str, body: BaseModel, signer: Signer,
 
 
 DropReason = Literal["oversized", "not-json", "malformed", "unknown-version", "subject-mismatch",
-                     "unknown-sender", "wrong-key", "bad-signature", "stale", "replayed"]
+                     "unknown-sender", "wrong-key", "bad-signature", "stale", "replayed",
+                     "rate-limited"]
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Verifier:
             return Accepted(env, body)
         # Freshness and replay come after the signature: only a correctly signed
         # message may occupy the replay memory, so forgeries cannot flood it.
-        at = env.at if env.at.tzinfo else env.at.replace(tzinfo=UTC)
+        at = env.at
         if abs(now - at) > self.freshness:
             return Dropped("stale", f"sent {format_time(at)}, now {format_time(now)}, "
                                     f"window ±{self.freshness.total_seconds():g}s")

@@ -22,6 +22,9 @@ from nats.js.errors import (
     NoKeysError,
 )
 from nats.js.kv import KeyValue
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from bus.subjects import PERSONA_NAME
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
 _PLAIN = re.compile(r"[-_/a-zA-Z0-9.]")
@@ -43,6 +46,22 @@ class Lease:
     executor: str
     token: int
     expires: datetime
+    problem: str = ""  # why the stored value is not a lease we wrote ("" when it is)
+
+
+class _Value(BaseModel):
+    """A lease's value in the bucket: validated before anything reads it, since any
+    client that may write the bucket can put anything there."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repair: str = Field(pattern=r"^[0-7][0-9a-hjkmnp-tv-z]{25}$")
+    executor: str = Field(pattern=PERSONA_NAME.pattern)
+    expires: AwareDatetime
+
+
+MALFORMED = "(malformed)"
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class LeaseHeldError(Exception):
@@ -55,9 +74,17 @@ class LeaseHeldError(Exception):
 
 
 def _decode(key: str, value: bytes, revision: int) -> Lease:
-    data = json.loads(value)
-    return Lease(target_key(key), data["repair"], data["executor"], revision,
-                 datetime.fromisoformat(data["expires"]))
+    """The lease in a bucket entry. A malformed value still holds its key (no one else
+    can take the target), reads as long expired (the stale-lease sweep proposes its
+    release) and says what is wrong with it; it never raises."""
+    try:
+        data = _Value.model_validate_json(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "value"
+        return Lease(target_key(key), MALFORMED, MALFORMED, revision, _LONG_AGO,
+                     problem=f"{where}: {first['msg']}")
+    return Lease(target_key(key), data.repair, data.executor, revision, data.expires)
 
 
 async def acquire(kv: KeyValue, target: str, *, repair: str, executor: str, ttl: timedelta,
@@ -85,9 +112,15 @@ async def holder(kv: KeyValue, target: str) -> Lease | None:
 
 
 async def still_held(kv: KeyValue, lease: Lease) -> bool:
-    """The fencing check: the key still carries this lease's revision."""
+    """The fencing check: the key still carries this lease, revision and value.
+
+    The revision alone is not enough: a bucket deleted and made again counts its
+    revisions from 1, and another repair's lease could carry ours.
+    """
     current = await holder(kv, lease.target)
-    return current is not None and current.token == lease.token
+    return current is not None and not current.problem and (
+        current.token, current.repair, current.executor) == (
+        lease.token, lease.repair, lease.executor)
 
 
 async def release(kv: KeyValue, lease: Lease) -> bool:

@@ -6,16 +6,26 @@ shows, so they are spelled for people reading JSON, not for Python.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from bus.subjects import PERSONA_NAME
 
 Kind = Literal["heartbeat", "finding", "proposal", "vote", "decision", "started", "result",
                "control"]
 
 TargetKind = Literal["node", "pod", "deployment", "statefulset", "daemonset", "unit", "host",
                      "persona", "lease", "apiserver", "humans"]
+
+
+# Every field a peer fills is bounded here, at the edge: a peer's message must not be
+# able to raise inside a tick or a tally (a naive timestamp compared with an aware one
+# does), nor make an agent keep or print an unbounded string.
+Time = AwareDatetime
+Name = Annotated[str, Field(pattern=PERSONA_NAME.pattern)]
+Short = Annotated[str, Field(max_length=253)]
+Text = Annotated[str, Field(max_length=4000)]
 
 
 class Wire(BaseModel):
@@ -27,8 +37,8 @@ class Target(Wire):
 
     kind: TargetKind
     name: str = Field(min_length=1, max_length=253)
-    namespace: str | None = None
-    host: str | None = Field(default=None, description="For units: the host they run on.")
+    namespace: Short | None = None
+    host: Short | None = Field(default=None, description="For units: the host they run on.")
 
     @property
     def key(self) -> str:
@@ -42,44 +52,59 @@ class Target(Wire):
 
 
 class Heartbeat(Wire):
-    pid: int
-    version: str
-    tick: int
-    status: str = Field(description="The same one-line summary systemd shows.")
+    pid: int = Field(ge=0)
+    version: Short
+    tick: int = Field(ge=0)
+    status: Text = Field(description="The same one-line summary systemd shows.")
     bus: Literal["connected", "disconnected"]
-    kubernetes: str = Field(description="'observed', 'unreachable: …' or 'not observed'.")
+    kubernetes: Text = Field(description="'observed', 'unreachable: …' or 'not observed'.")
     frozen: bool = False
-    scopes_digest: str
-    policies_digest: str
+    scopes_digest: Short
+    policies_digest: Short
 
 
 class Finding(Wire):
     state: Literal["opened", "cleared"]
-    policy: str
+    policy: Short
     target: Target
-    since: datetime
-    summary: str
+    since: Time
+    summary: Text
     evidence: dict[str, Any] = Field(default_factory=dict)
 
 
 class QuorumRule(Wire):
-    approvals: int = Field(ge=1)
-    veto: tuple[str, ...] = ()
-    deadline: datetime
+    approvals: int = Field(ge=1, le=32)
+    veto: tuple[Name, ...] = Field(default=(), max_length=32)
+    deadline: Time
+
+
+class Required(Wire):
+    """The quorum a voter's own copy of the policy demands for a step.
+
+    Recorded in every vote on a known policy, so that ``audit verify`` can check the
+    proposal's rule against the policy at that digest long after the policy changed:
+    the proposer writes the rule, the voters (other keys) write what it had to be.
+    """
+
+    approvals: int = Field(ge=1, le=32)
+    veto: tuple[Name, ...] = Field(default=(), max_length=32)
+    deadline: float = Field(gt=0, description="The longest deadline allowed, in seconds "
+                                                "after the proposal was sent.")
+    destructive: bool
 
 
 class Proposal(Wire):
-    action: str
+    action: Short
     target: Target
     params: dict[str, Any] = Field(default_factory=dict)
-    policy: str
-    policy_digest: str
-    step: int = Field(ge=0)
+    policy: Short
+    policy_digest: Short
+    step: int = Field(ge=0, le=1000)
     destructive: bool
     quorum: QuorumRule
-    summary: str
+    summary: Text
     evidence: dict[str, Any] = Field(default_factory=dict)
-    rationale: str = ""
+    rationale: Text = ""
 
 
 Verdict = Literal["approve", "reject", "block"]
@@ -87,10 +112,13 @@ Verdict = Literal["approve", "reject", "block"]
 
 class Vote(Wire):
     verdict: Verdict
-    reason: str = Field(min_length=1)
+    reason: Text = Field(min_length=1)
     evidence: dict[str, Any] = Field(default_factory=dict)
-    observed_at: datetime
-    policy_digest: str
+    observed_at: Time
+    policy_digest: Short
+    required: Required | None = Field(
+        default=None, description="The quorum the voter's copy of the policy demands "
+                                  "(absent when it has no such policy or step).")
     rationale: str = Field(
         default="", max_length=2000,
         description="A voter's argued case in its own words (model-written when it runs a "
@@ -99,16 +127,17 @@ class Vote(Wire):
 
 class Decision(Wire):
     outcome: Literal["approved", "rejected", "expired"]
-    reason: str
-    approvals: tuple[str, ...] = ()
-    rejections: tuple[str, ...] = ()
-    vetoes: tuple[str, ...] = ()
-    votes: tuple[str, ...] = Field(default=(), description="Ids of the vote messages counted.")
+    reason: Text
+    approvals: tuple[Name, ...] = Field(default=(), max_length=64)
+    rejections: tuple[Name, ...] = Field(default=(), max_length=64)
+    vetoes: tuple[Name, ...] = Field(default=(), max_length=64)
+    votes: tuple[Short, ...] = Field(default=(), max_length=64,
+                                     description="Ids of the vote messages counted.")
 
 
 class Started(Wire):
-    executor: str
-    lease: str
+    executor: Name
+    lease: Short
     fencing_token: int = Field(ge=1)
 
 
@@ -117,18 +146,18 @@ class Result(Wire):
     that needed no quorum (and so has no proposal) is still readable on its own."""
 
     outcome: Literal["succeeded", "failed", "verified", "unverified", "compensated", "refused"]
-    detail: str
-    action: str
+    detail: Text
+    action: Short
     target: Target
-    policy: str
+    policy: Short
     observed: dict[str, Any] = Field(default_factory=dict)
     dry_run: bool = False
 
 
 class Control(Wire):
     verb: Literal["freeze", "thaw", "breaker-reset"]
-    reason: str = Field(min_length=1)
-    policy: str | None = None
+    reason: Text = Field(min_length=1)
+    policy: Short | None = None
 
 
 BODIES: dict[str, type[Wire]] = {

@@ -8,6 +8,7 @@ re-observe the target itself. The tally is the pure ``bus.quorum.tally``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,10 +21,18 @@ from bus import ids, subjects
 from bus.connection import BusUnavailableError, Connection, subject_for
 from bus.envelope import Accepted, Dropped, Envelope, Verifier, seal
 from bus.keys import Signer
-from bus.messages import Control, Decision, Kind, Proposal, Verdict, Vote
+from bus.messages import Control, Decision, Kind, Proposal, Required, Verdict, Vote
 from bus.quorum import Ballot, Rule, Tally, tally
 
 log = structlog.get_logger("bus.protocol")
+
+ASSESS_IN_FLIGHT = 4
+"""Assessments of one proposer's proposals running at once. An honest proposer has a
+few repairs in flight; a stolen proposer key must not make every voter observe the
+world a thousand times over."""
+ASSESS_RATE = 30 / 60
+ASSESS_BURST = 10
+"""Per proposer, assessments per second in the long run, and how many may come at once."""
 
 
 @dataclass(frozen=True)
@@ -34,10 +43,33 @@ class Judgement:
     reason: str
     evidence: dict[str, object] = field(default_factory=dict)
     rationale: str = ""
+    required: Required | None = None  # what the voter's copy of the policy demands
 
 
 Assess = Callable[[Envelope, Proposal], Awaitable[Judgement]]
 OnControl = Callable[[Envelope, Control], Awaitable[None]]
+OnProposal = Callable[[Envelope, Proposal], None]
+
+
+@dataclass
+class _Allowance:
+    """A token bucket and an in-flight count: how much assessing one proposer may ask."""
+
+    tokens: float = ASSESS_BURST
+    at: float = 0.0
+    running: int = 0
+
+    def take(self, now: float) -> str | None:
+        """Take one assessment, or say why not."""
+        self.tokens = min(ASSESS_BURST, self.tokens + (now - self.at) * ASSESS_RATE)
+        self.at = now
+        if self.running >= ASSESS_IN_FLIGHT:
+            return f"{self.running} of its proposals are being assessed already"
+        if self.tokens < 1:
+            return f"more than {ASSESS_RATE * 60:g} proposals a minute"
+        self.tokens -= 1
+        self.running += 1
+        return None
 
 
 @dataclass
@@ -52,7 +84,8 @@ class Protocol:
 
     def __init__(self, connection: Connection, *, persona: str, host: str, signer: Signer,
                  verifier: Verifier, voters: frozenset[str], assess: Assess | None,
-                 on_control: OnControl | None = None) -> None:
+                 on_control: OnControl | None = None,
+                 on_proposal: OnProposal | None = None) -> None:
         self._conn = connection
         self.persona = persona
         self._host = host
@@ -61,6 +94,8 @@ class Protocol:
         self._voters = voters
         self._assess = assess
         self._on_control = on_control
+        self._on_proposal_seen = on_proposal
+        self._allowances: dict[str, _Allowance] = {}
         self._open: dict[str, _Open] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -70,7 +105,7 @@ class Protocol:
         Returns once the server holds the subscriptions: nats-py only queues them, and
         a proposal published meanwhile would never reach this voter.
         """
-        if self._assess is not None:
+        if self._assess is not None or self._on_proposal_seen is not None:
             await self._conn.subscribe("zeta.repair.*.proposed", self._on_proposal)
         await self._conn.subscribe("zeta.repair.*.vote.*", self._on_vote)
         if self._on_control is not None:
@@ -149,12 +184,32 @@ class Protocol:
     # ------------------------------------------------------------ voter
 
     async def _on_proposal(self, msg: Msg) -> None:
+        # Verified once, here, for everyone who needs it: a second check of the same
+        # message would be refused as a replay.
         accepted = self._accept(msg)
-        if accepted is None or accepted.envelope.sender == self.persona:
+        if accepted is None:
+            return
+        proposal = accepted.body
+        assert isinstance(proposal, Proposal)
+        if self._on_proposal_seen is not None:
+            self._on_proposal_seen(accepted.envelope, proposal)
+        sender = accepted.envelope.sender
+        if self._assess is None or sender == self.persona:
+            return
+        allowance = self._allowances.setdefault(sender, _Allowance(at=time.monotonic()))
+        if (refusal := allowance.take(time.monotonic())) is not None:
+            self.verifier.dropped["rate-limited"] += 1
+            log.warning("proposal not assessed", repair=accepted.envelope.repair,
+                        proposer=sender, reason="rate-limited", detail=refusal)
             return
         task = asyncio.create_task(self._vote(accepted))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            allowance.running -= 1
+
+        task.add_done_callback(done)
 
     async def _vote(self, accepted: Accepted) -> None:
         assert self._assess is not None
@@ -166,9 +221,10 @@ class Protocol:
         except Exception as exc:  # a voter that cannot judge must say no, not crash
             log.exception("assessment failed", repair=repair)
             judgement = Judgement("reject", f"could not assess: {type(exc).__name__}: {exc}")
-        body = Vote(verdict=judgement.verdict, reason=judgement.reason,
+        body = Vote(verdict=judgement.verdict, reason=judgement.reason[:4000],
                     evidence=dict(judgement.evidence), observed_at=datetime.now(UTC),
-                    policy_digest=proposal.policy_digest, rationale=judgement.rationale)
+                    policy_digest=proposal.policy_digest, rationale=judgement.rationale,
+                    required=judgement.required)
         try:
             await self.send("vote", body, repair=repair)
         except BusUnavailableError as exc:

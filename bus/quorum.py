@@ -14,16 +14,24 @@ Rules (docs/bus.md):
   take her veto away. A silent veto holder therefore lets the proposal expire;
   safety favours the veto over liveness.
 - Rejected early once the approvals can no longer be reached by the voters left.
+
+The rule itself is written by the proposer, so a voter (and ``audit verify``) first
+holds it against the policy's own: ``looser`` names every way it falls short.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
-from bus.messages import Verdict
+from bus.messages import QuorumRule, Required, Verdict
+
+DEADLINE_SLACK = timedelta(seconds=1)
+"""How far past ``sent + required deadline`` a proposal's deadline may be: the time a
+proposer takes between computing it and stamping the envelope, and the millisecond
+the bus format rounds away. A stretched deadline is minutes or hours."""
 
 Outcome = Literal["pending", "approved", "rejected", "expired"]
 
@@ -58,6 +66,42 @@ class Tally:
     @property
     def final(self) -> bool:
         return self.outcome != "pending"
+
+
+def looser(rule: QuorumRule, destructive: bool, sent: datetime,
+           required: Required) -> list[str]:
+    """Every way a proposal's quorum ``rule`` (and ``destructive`` flag) is looser than
+    ``required``; empty when it is at least as strict.
+
+    ``sent`` is the proposal's signed time: the deadline is allowed ``required.deadline``
+    seconds from it. A stricter rule (more approvals, more veto holders, a shorter
+    deadline) is fine: it can only make approval harder.
+    """
+    problems = []
+    if required.destructive and not destructive:
+        problems.append("marked non-destructive, but the policy's step is destructive")
+    elif destructive and not required.destructive:
+        problems.append("marked destructive, but the policy's step is not")
+    if rule.approvals < required.approvals:
+        problems.append(f"asks {rule.approvals} approvals, the policy {required.approvals}")
+    if missing := sorted(set(required.veto) - set(rule.veto)):
+        problems.append(f"drops the veto of {', '.join(missing)}")
+    allowed = sent + timedelta(seconds=required.deadline) + DEADLINE_SLACK
+    if rule.deadline > allowed:
+        problems.append(f"deadline {(rule.deadline - sent).total_seconds():.0f}s after "
+                        f"sending, the policy allows {required.deadline:g}s")
+    return problems
+
+
+def strictest(terms: Iterable[Required]) -> Required | None:
+    """One set of terms at least as strict as each of ``terms`` (None for none)."""
+    terms = list(terms)
+    if not terms:
+        return None
+    return Required(approvals=max(t.approvals for t in terms),
+                    veto=tuple(sorted({v for t in terms for v in t.veto})),
+                    deadline=min(t.deadline for t in terms),
+                    destructive=any(t.destructive for t in terms))
 
 
 def counted_ballots(rule: Rule, ballots: Iterable[Ballot], eligible: Set[str]) -> list[Ballot]:

@@ -13,7 +13,14 @@ repair that started had a valid approving quorum:
 - the ``started`` came from the proposer, who is the executor, for the lease of
   the proposal's target, with a fencing token;
 - a destructive action reported as run has a ``started`` (no quorum, no lease:
-  a violation).
+  a violation);
+- the proposal's rule and ``destructive`` flag are at least as strict as its policy
+  step demands: the terms come from the policy in configuration when its digest is
+  the proposal's, and from the terms each vote recorded (``Vote.required``, written
+  by the voters' own copies of the policy), the strictest of all; a repair whose
+  terms nobody can tell is flagged too, since the proposer alone wrote its rule;
+- no ``started`` while a verified freeze was in force (the latest verified freeze
+  or thaw by signed time and id, as the agents order them).
 
 Reading the stream (``read``) is a sequence of JetStream "get next message" requests
 from the first sequence to the last: it creates no consumer and changes nothing.
@@ -36,21 +43,14 @@ from bus.envelope import Accepted, Dropped, Envelope, Verifier, format_time
 from bus.jetstream import AUDIT_STREAM
 from bus.leases import kv_key
 from bus.messages import Control, Decision, Proposal, Result, Started, Vote
-from bus.quorum import Ballot, Rule, counted_ballots, tally
+from bus.quorum import Ballot, Rule, counted_ballots, looser, strictest, tally
+from bus.reading import Stored, read_stream
 from runtime.catalog import UnknownActionError, lookup
+from runtime.config import DEFAULT_FLEET, Quorum, RepairPolicy
+from runtime.engine import policy_digest, required
 from runtime.watching import describe
 
 _RAN = ("succeeded", "failed", "verified", "unverified", "compensated")
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One message as the stream keeps it."""
-
-    seq: int
-    subject: str
-    data: bytes
-    time: datetime | None = None  # when the server stored it
 
 
 @dataclass(frozen=True, order=True)
@@ -98,9 +98,13 @@ def _label(stored: Stored) -> tuple[str, str]:
 
 class _Audit:
     def __init__(self, keys: Mapping[str, str], operators: Mapping[str, str],
-                 voters: Set[str]) -> None:
+                 voters: Set[str], policies: Mapping[str, RepairPolicy],
+                 default_quorum: Quorum) -> None:
         self.verifier = Verifier(keys=keys, operators=operators)
         self.voters = voters
+        self.policies = policies
+        self.default_quorum = default_quorum
+        self.freezes: list[tuple[datetime, str, Control | None]] = []  # verified, any order
         self.violations: list[Violation] = []
         self.first: dict[str, int] = {}  # message id → seq where it was first stored
         self.invalid: dict[str, str] = {}  # message id → why it was not accepted
@@ -127,6 +131,9 @@ class _Audit:
         if isinstance(msg.body, Control):
             if stored.subject != subjects.control(msg.body.verb):
                 self.flag(msg, f"subject-mismatch: control {msg.body.verb!r} on {stored.subject}")
+            elif msg.body.verb in ("freeze", "thaw"):
+                self.freezes.append((msg.envelope.at, msg.envelope.id,
+                                     msg.body if msg.body.verb == "freeze" else None))
             return
         if msg.envelope.repair is None:
             return  # presence and findings: nothing to check beyond the signature
@@ -174,7 +181,7 @@ class _Audit:
         rule = Rule(proposer, terms.quorum.approvals, frozenset(terms.quorum.veto),
                     terms.quorum.deadline)
         by_id = {v.envelope.id: v for v in votes}
-        sound = True
+        sound = self.check_rule(decision, proposal, [by_id[i] for i in body.votes if i in by_id])
         counted: list[Ballot] = []
         for vote_id in body.votes:
             vote = by_id.get(vote_id)
@@ -214,6 +221,33 @@ class _Audit:
             sound = False
         return sound
 
+    def check_rule(self, decision: _Msg, proposal: _Msg, counted: Sequence[_Msg]) -> bool:
+        """Flag a proposal whose rule is looser than its policy step; True if it is not."""
+        terms = proposal.body
+        assert isinstance(terms, Proposal)
+        known = [v.body.required for v in counted
+                 if isinstance(v.body, Vote) and v.body.required is not None]
+        policy = self.policies.get(terms.policy)
+        if policy is not None and policy_digest(policy) == terms.policy_digest and (
+                mine := required(policy, terms.step, self.default_quorum)) is not None:
+            known.append(mine)
+        demanded = strictest(known)
+        if demanded is None:
+            self.flag(decision, f"the quorum rule cannot be checked: no policy {terms.policy} "
+                                f"at digest {terms.policy_digest[:12]} here, and no counted "
+                                "vote recorded the terms it demands")
+            return False
+        if problems := looser(terms.quorum, terms.destructive, proposal.envelope.at, demanded):
+            self.flag(decision, "approved under a rule looser than the policy's: "
+                                + "; ".join(problems))
+            return False
+        return True
+
+    def frozen_at(self, at: datetime) -> Control | None:
+        """The verified freeze in force at ``at``, if any."""
+        before = [f for f in self.freezes if f[0] <= at]
+        return max(before, key=lambda f: (f[0], f[1]))[2] if before else None
+
     def _why_not(self, rule: Rule, ballot: Ballot) -> str:
         """Why ``counted_ballots`` left a ballot out, in its own order of rules."""
         if ballot.voter == rule.proposer:
@@ -228,6 +262,8 @@ class _Audit:
                     sound: bool) -> None:
         body = start.body
         assert isinstance(body, Started)
+        if (freeze := self.frozen_at(start.envelope.at)) is not None:
+            self.flag(start, f"started while the fleet was frozen ({freeze.reason!r})")
         if proposal is None:
             self.flag(start, "started without a proposal: no quorum was asked")
             return
@@ -269,13 +305,15 @@ class _Audit:
 
 
 def verify(messages: Iterable[Stored], keys: Mapping[str, str], operators: Mapping[str, str],
-           voters: Set[str]) -> list[Violation]:
+           voters: Set[str], *, policies: Mapping[str, RepairPolicy] | None = None,
+           default_quorum: Quorum = DEFAULT_FLEET.spec.quorum) -> list[Violation]:
     """Every violation in an audit history, in stream order (empty: the history is sound).
 
     ``keys`` and ``operators`` map names to the public keys from configuration;
-    ``voters`` are the personas with the ``vote`` duty.
+    ``voters`` are the personas with the ``vote`` duty; ``policies`` (by name) and
+    ``default_quorum`` (the fleet's) say what each proposal's rule had to be.
     """
-    audit = _Audit(keys, operators, voters)
+    audit = _Audit(keys, operators, voters, policies or {}, default_quorum)
     for stored in sorted(messages, key=lambda m: m.seq):
         audit.read(stored)
     for repair in audit.repairs.values():
@@ -293,20 +331,9 @@ class StreamMissingError(LookupError):
 async def read(js: JetStreamContext, repair: str | None = None) -> list[Stored]:
     """Every message in ``ZETA_AUDIT`` (or of one repair), in stream order."""
     try:
-        await js.stream_info(AUDIT_STREAM)
+        return await read_stream(js, AUDIT_STREAM, f"zeta.repair.{repair}.>" if repair else ">")
     except NotFoundError:
         raise StreamMissingError(AUDIT_STREAM) from None
-    subject = f"zeta.repair.{repair}.>" if repair else ">"
-    out: list[Stored] = []
-    seq = 1
-    while True:
-        try:
-            raw = await js.get_msg(AUDIT_STREAM, seq, subject=subject, next=True)
-        except NotFoundError:
-            return out
-        assert raw.seq is not None
-        out.append(Stored(raw.seq, raw.subject or "", raw.data or b"", raw.time))
-        seq = raw.seq + 1
 
 
 def listing(messages: Iterable[Stored], verifier: Verifier, *, as_json: bool) -> list[str]:

@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from bus import ids
 from bus.connection import Connection, subject_for
 from bus.envelope import format_time
-from bus.jetstream import AUDIT_STREAM, Settings
+from bus.jetstream import AUDIT_STREAM
+from bus.reading import Stored
 from bus.subjects import PERSONA_NAME
 from runtime import (
     __version__,
@@ -43,7 +44,7 @@ from runtime.brain import choosing, deliberating
 from runtime.brain.asking import BrainUnavailableError
 from runtime.cluster import rbac
 from runtime.config import DEFAULT_FLEET, AnthropicBrain, Fleet, Persona
-from runtime.coordinating import Roster
+from runtime.coordinating import Roster, jetstream_settings
 from runtime.credentials import seed_file
 from runtime.loading import ConfigError, ConfigInvalidError, ConfigSet, config_paths, load
 from runtime.observations import Snapshot
@@ -228,7 +229,7 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 async def _read_audit(urls: Sequence[str], seed: bytes | None, repair: str | None,
-                      connect_within: float) -> list[auditing.Stored]:
+                      connect_within: float) -> list[Stored]:
     connection = Connection(urls, name="zeta-agent audit", seed=seed)
     try:
         # Connection retries forever (right for an agent); a one-shot command gives up.
@@ -259,7 +260,10 @@ def _audit(args: argparse.Namespace) -> int:
     if args.repair and not stored:
         raise UserError(f"no messages of repair {args.repair} in {AUDIT_STREAM}", code=1)
     if args.check == "verify":
-        violations = auditing.verify(stored, roster.keys, roster.operators, roster.voters)
+        violations = auditing.verify(
+            stored, roster.keys, roster.operators, roster.voters,
+            policies={name: p.value for name, p in config.policies.items()},
+            default_quorum=config.fleet.spec.quorum)
         for violation in violations:
             print(json.dumps(asdict(violation)) if args.json else violation)
         verdict = f"{len(violations)} violation(s)" if violations else "ok"
@@ -400,8 +404,7 @@ def _control(args: argparse.Namespace) -> int:
                                      host=socket.gethostname())
         problems = asyncio.run(operating.send(
             envelope, urls=urls, seed=seed, within=args.timeout,
-            settings=Settings(replicas=fleet.bus.auditReplicas, max_age=fleet.bus.auditMaxAge,
-                              lease_ttl=fleet.bus.leaseTtl)))
+            settings=jetstream_settings(config)))
     except operating.NotSentError as exc:
         raise UserError(str(exc), code=1) from None
     except operating.OperatingError as exc:
@@ -569,6 +572,56 @@ def _keygen_parser(commands: Commands) -> None:
     keygen.set_defaults(handler=_keygen)
 
 
+def _bus_resources(args: argparse.Namespace) -> int:
+    config = load_config_dir(config_dir(args.config_dir))
+    seed: bytes | None = None
+    if args.seed is not None or args.operator is not None:
+        seed_path = args.seed or seed_file(Path(config.fleet.spec.credentialsDir), args.operator)
+        seed = _seed(seed_path)
+    urls = _bus_urls(args, config)
+    logs.configure(level="warning", stream=sys.stderr)
+    try:
+        problems = asyncio.run(operating.bus_resources(
+            args.action, urls=urls, seed=seed, settings=jetstream_settings(config),
+            within=args.timeout))
+    except operating.NotSentError as exc:
+        raise UserError(str(exc), code=2) from None
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} difference(s): agents refuse destructive work until the "
+              "bus's administrator fixes them (docs/operations.md)", file=sys.stderr)
+        return 1
+    print(f"{AUDIT_STREAM} and the lease bucket are as fleet.yaml says", file=sys.stderr)
+    return 0
+
+
+def _bus_parsers(commands: Commands) -> None:
+    bus = commands.add_parser(
+        "bus", help="create or check the audit stream and lease bucket (operators)",
+        description="Agents only check the bus resources and refuse destructive work while "
+                    "they differ from fleet.yaml; an operator creates and changes them.")
+    actions = bus.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, summary in (
+            ("init", "create the audit stream and lease bucket if missing, then check them"),
+            ("check", "say how they differ from fleet.yaml (changes nothing; exit 1 if any)")):
+        command = actions.add_parser(action, help=summary, description=summary[0].upper()
+                                     + summary[1:] + ". Exit 0: as configured; 1: differences "
+                                     "remain; 2: the bus could not be reached.")
+        command.add_argument("--operator", metavar="NAME",
+                             help="authenticate as this operator (its seed from "
+                                  "<credentialsDir>/NAME/nkey.seed)")
+        command.add_argument("--seed", type=Path, metavar="FILE",
+                             help="authenticate with this nkey seed")
+        _config_dir_option(command)
+        command.add_argument("--bus", action="append", metavar="URL",
+                             help="NATS URL, repeatable (default: $ZETA_NATS_URL, else the "
+                                  "fleet's bus.urls)")
+        command.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                             help="give up after this long (default: 10)")
+        command.set_defaults(handler=_bus_resources)
+
+
 def _control_parsers(commands: Commands) -> None:
     for verb, summary in (("freeze", "stop all destructive work fleet-wide"),
                           ("thaw", "resume destructive work after a freeze"),
@@ -703,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _keygen_parser(commands)
     _control_parsers(commands)
+    _bus_parsers(commands)
     _think_parser(commands)
     _lab_parser(commands)
 

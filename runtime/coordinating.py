@@ -31,14 +31,14 @@ import structlog
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
-from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from bus import leases, subjects
 from bus.connection import BusUnavailableError, Connection
-from bus.envelope import Accepted, Envelope, Verifier
+from bus.envelope import Accepted, Dropped, Envelope, Verifier, format_time
 from bus.ids import new_id
-from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure
+from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, LEASES_STREAM, Settings, check
 from bus.journal import Journal
 from bus.keys import Signer
 from bus.messages import (
@@ -52,6 +52,8 @@ from bus.messages import (
     Started,
 )
 from bus.protocol import Judgement, Protocol
+from bus.quorum import looser
+from bus.reading import Stored, read_stream
 from runtime import __version__, scopes
 from runtime.acting import Actuator, Fence, Outcome, run_actuator
 from runtime.catalog import lookup
@@ -66,6 +68,7 @@ from runtime.engine import (
     RepairVerified,
     StepFailed,
     policy_digest,
+    required,
 )
 from runtime.loading import ConfigSet
 from runtime.metrics import Metrics
@@ -75,6 +78,9 @@ from runtime.observing import Domain, Observed, Observing
 log = structlog.get_logger("coordinator")
 
 HEARTBEAT_EVERY = 5.0
+MAX_REMEMBERED_PROPOSALS = 256
+"""Undecided proposals remembered per proposer (decided ones are forgotten). Per
+proposer, so that one key flooding proposals pushes out only its own."""
 
 
 class Argue(typing.Protocol):
@@ -91,10 +97,44 @@ def _digest(items: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()
 
 
+def jetstream_settings(config: ConfigSet) -> Settings:
+    """What the fleet's bus settings say the audit stream and lease bucket must be."""
+    bus = config.fleet.spec.bus
+    return Settings(replicas=bus.auditReplicas, max_age=bus.auditMaxAge, lease_ttl=bus.leaseTtl)
+
+
 def voters_of(config: ConfigSet) -> frozenset[str]:
     """Every persona that may vote: the eligible electorate of every quorum."""
     return frozenset(p.value.name for p in config.personas.values()
                      if "vote" in p.value.spec.duties)
+
+
+@dataclass(frozen=True)
+class FreezeState:
+    """The freeze in force (None: thawed), and the signed time and id of the control
+    that set it: a control moves the state only if it is newer by (time, id)."""
+
+    control: Control | None = None
+    at: datetime | None = None
+    id: str = ""
+
+    def after(self, other: FreezeState | None) -> FreezeState:
+        """The state once ``other`` is taken into account: whichever is newer."""
+        if other is None or other.at is None:
+            return self
+        if self.at is None or (other.at, other.id) > (self.at, self.id):
+            return other
+        return self
+
+
+def peek_control(data: bytes) -> Control | None:
+    """The control body of a message that did not verify, if it has one: to tell an
+    unverifiable freeze from junk. Never trusted beyond that."""
+    try:
+        body = json.loads(data).get("body")
+        return Control.model_validate(body)
+    except (ValueError, AttributeError, ValidationError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -129,9 +169,7 @@ class Coordinator:
         self.connection = connection
         self._heartbeat_every = heartbeat_every
         self._host = host
-        bus = config.fleet.spec.bus
-        self._settings = Settings(replicas=bus.auditReplicas, max_age=bus.auditMaxAge,
-                                  lease_ttl=bus.leaseTtl)
+        self._settings = jetstream_settings(config)
         roster = Roster.of(config)
         self.verifier = roster.verifier()
         self.metrics.watch_bus(lambda: self.connected, self.verifier.dropped)
@@ -139,7 +177,7 @@ class Coordinator:
         self.protocol = Protocol(
             connection, persona=persona.name, host=host, signer=signer, verifier=self.verifier,
             voters=roster.voters, assess=self.assess if "vote" in duties else None,
-            on_control=self._on_control)
+            on_control=self._on_control, on_proposal=self._note_proposal)
         # Set by the agent once it has built its Observing (which includes this
         # coordinator's own peers and leases observers).
         self.observing: Observing | None = None
@@ -149,7 +187,7 @@ class Coordinator:
         self.kv: KeyValue | None = None
         self.problems: list[str] = []
         self.jetstream_error: str | None = None  # set by the lease observer while JetStream fails
-        self.frozen: Control | None = None
+        self._freeze = FreezeState()
         self.peers: dict[str, PeerObs] = {}
         # When this agent began to hear heartbeats: a peer's silence is measured from
         # here, so peers not heard from *yet* at start-up are not counted as silent
@@ -162,12 +200,18 @@ class Coordinator:
         self._subscribed = False
         self._repairs: dict[str, tuple[str, leases.Lease | None]] = {}  # intent id → repair, lease
         self._approved: dict[str, deque[datetime]] = {}  # policy → approvals seen, for perHour
-        self._proposed_policy: dict[str, str] = {}  # repair id → policy, to attribute decisions
+        # proposer → repair id → policy, of verified proposals: to attribute decisions
+        self._proposed: dict[str, dict[str, str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._scopes_digest = _digest(persona.spec.effective_scopes)
         self._policies_digest = _digest(policy_digest(p) for p in config.policies_of(persona))
 
     # ------------------------------------------------------------ state
+
+    @property
+    def frozen(self) -> Control | None:
+        """The freeze in force, or None."""
+        return self._freeze.control
 
     @property
     def connected(self) -> bool:
@@ -206,6 +250,8 @@ class Coordinator:
         self.connection.on_connected.append(self._on_connected)
         await self.connection.connect()
         while True:
+            if self.connected:
+                await self.check_resources()
             await self.heartbeat()
             await asyncio.sleep(self._heartbeat_every)
 
@@ -216,45 +262,83 @@ class Coordinator:
 
     async def _on_connected(self) -> None:
         """On each (re)connect: check resources, subscribe, restore freeze, flush the journal."""
-        try:
-            self.problems = await ensure(self.connection.js, self._settings)
-            self.kv = await self.connection.js.key_value(LEASES_BUCKET)
-        except _BUS_ERRORS as exc:
-            self.problems = [f"cannot check JetStream resources: {exc}"]
-        for problem in self.problems:
-            log.error("bus resources incompatible: destructive work refused", problem=problem)
+        await self.check_resources()
         if not self._subscribed:
             # nats-py restores subscriptions on reconnect by itself.
             await self.protocol.subscribe()
             await self.connection.subscribe("zeta.agent.*.heartbeat", self._on_heartbeat)
-            await self.connection.subscribe("zeta.repair.*.proposed", self._on_proposal_seen)
             await self.connection.subscribe("zeta.repair.*.decided", self._on_decided)
             self._subscribed = True
             self.listening_since = datetime.now(UTC)
         await self._restore_freeze()
         await self.journal.flush(self.connection)
 
+    async def check_resources(self) -> None:
+        """Look at the audit stream and lease bucket; refuse destructive work while they
+        differ from what the fleet settings say (on every connect and every heartbeat:
+        a resource weakened while the agents run must stop them too)."""
+        try:
+            problems = await check(self.connection.js, self._settings)
+            if self.kv is None and not any(p.startswith(LEASES_STREAM) for p in problems):
+                self.kv = await self.connection.js.key_value(LEASES_BUCKET)
+        except _BUS_ERRORS as exc:
+            problems = [f"cannot check JetStream resources: {exc or type(exc).__name__}"]
+        if problems != self.problems:
+            for problem in problems:
+                log.error("bus resources incompatible: destructive work refused",
+                          problem=problem)
+            if self.problems and not problems:
+                log.info("bus resources are as configured again")
+        self.problems = problems
+
     async def _restore_freeze(self) -> None:
-        """A restarted agent must stay frozen: read the last freeze and thaw from the audit."""
-        latest: tuple[int, Control] | None = None
-        for verb in ("freeze", "thaw"):
-            subject = subjects.control(verb)
-            try:
-                raw = await self.connection.js.get_last_msg(AUDIT_STREAM, subject)
-            except NotFoundError:
-                continue
-            except _BUS_ERRORS as exc:
-                log.warning("cannot read the freeze state", error=str(exc))
-                return
-            if raw.data is None or raw.seq is None:
-                continue
-            checked = self.verifier.check(subject, raw.data, live=False)
-            if isinstance(checked, Accepted) and isinstance(checked.body, Control) and (
-                    latest is None or raw.seq > latest[0]):
-                latest = (raw.seq, checked.body)
-        self.frozen = latest[1] if latest and latest[1].verb == "freeze" else None
+        """A restarted or reconnected agent must stay frozen.
+
+        Every control in the audit stream is read, and the state is the latest verified
+        freeze or thaw by its signed time (then id), never by stream order: a replayed
+        old thaw sorts before the freeze it would undo, and junk is skipped. A freeze
+        that no longer verifies because its sender's key is no longer configured (an
+        operator removed or rotated since) still holds, ordered by when the server
+        stored it, until a verified thaw newer than that. What this agent holds in
+        memory is merged in: it is only ever cleared by a newer verified thaw.
+        """
+        try:
+            stored = await read_stream(self.connection.js, AUDIT_STREAM, "zeta.control.*")
+        except _BUS_ERRORS as exc:
+            log.warning("cannot read the freeze state; keeping what this agent holds",
+                        error=str(exc) or type(exc).__name__)
+            return
+        state = self._freeze
+        for message in stored:
+            state = state.after(self._control_state(message))
+        if state != self._freeze:
+            self._freeze = state
         if self.frozen is not None:
-            log.warning("fleet is frozen: destructive work refused", reason=self.frozen.reason)
+            log.warning("fleet is frozen: destructive work refused", reason=self.frozen.reason,
+                        since=format_time(state.at) if state.at else None)
+
+    def _control_state(self, message: Stored) -> FreezeState | None:
+        """What one stored control says about the freeze, or None if it says nothing."""
+        checked = self.verifier.check(message.subject, message.data, live=False)
+        if isinstance(checked, Accepted):
+            body = checked.body
+            if not isinstance(body, Control) or body.verb not in ("freeze", "thaw") or (
+                    message.subject != subjects.control(body.verb)):
+                return None
+            return FreezeState(body if body.verb == "freeze" else None, checked.envelope.at,
+                               checked.envelope.id)
+        if checked.reason not in ("unknown-sender", "wrong-key") or message.time is None:
+            return None  # junk or a forgery of a configured key: skipped
+        claim = peek_control(message.data)
+        if claim is None or claim.verb != "freeze" or (
+                message.subject != subjects.control("freeze")):
+            return None
+        log.error("a freeze in the audit stream no longer verifies; it holds until a "
+                  "verified thaw newer than it", reason=checked.reason, detail=checked.detail,
+                  stored=format_time(message.time))
+        return FreezeState(Control(verb="freeze", reason=f"unverifiable freeze "
+                                                         f"({checked.reason}): {claim.reason}"),
+                           message.time, f"seq-{message.seq:020d}")
 
     # ------------------------------------------------------------ presence and findings
 
@@ -455,25 +539,33 @@ class Coordinator:
 
     # ------------------------------------------------------------ voting
 
-    async def _on_proposal_seen(self, msg: Msg) -> None:
-        # Not verified here: this only attributes decisions to policies for the
-        # perHour count, and the protocol verifies every proposal it votes on.
-        repair = msg.subject.split(".")[2]
-        try:
-            policy = json.loads(msg.data)["body"]["policy"]
-        except (ValueError, KeyError, TypeError):
+    def _note_proposal(self, envelope: Envelope, proposal: Proposal) -> None:
+        """Remember who proposed what (verified proposals only), to attribute decisions."""
+        if envelope.repair is None:
             return
-        if isinstance(policy, str) and len(self._proposed_policy) < 10_000:
-            self._proposed_policy[repair] = policy
+        mine = self._proposed.setdefault(envelope.sender, {})
+        if len(mine) >= MAX_REMEMBERED_PROPOSALS:
+            del mine[next(iter(mine))]
+        mine[envelope.repair] = proposal.policy
 
     async def _on_decided(self, msg: Msg) -> None:
         checked = self.verifier.check(msg.subject, msg.data)
         if not isinstance(checked, Accepted) or not isinstance(checked.body, Decision):
+            if isinstance(checked, Dropped):
+                log.warning("message dropped", subject=msg.subject, reason=checked.reason,
+                            detail=checked.detail)
+            return
+        env = checked.envelope
+        policy = self._proposed.get(env.sender, {}).pop(env.repair or "", None)
+        if policy is None:
+            # Only the proposer decides its proposal: a decision by anyone else, or on
+            # a proposal never seen verified, counts toward no budget.
+            log.warning("decision not counted", repair=env.repair, sender=env.sender,
+                        reason="no verified proposal of the sender")
             return
         self.metrics.decision(checked.body.outcome)
-        policy = self._proposed_policy.pop(checked.envelope.repair or "", None)
-        if policy and checked.body.outcome == "approved":
-            self._approved.setdefault(policy, deque(maxlen=1000)).append(checked.envelope.at)
+        if checked.body.outcome == "approved":
+            self._approved.setdefault(policy, deque(maxlen=1000)).append(env.at)
 
     def _approved_last_hour(self, policy: str, now: datetime) -> int:
         return sum(1 for at in self._approved.get(policy, ()) if now - at < timedelta(hours=1))
@@ -485,6 +577,10 @@ class Coordinator:
         reviewer who sees a reason not to act stops the action, not just one vote.
         """
         verdict, reason, evidence = await self._judge(envelope, proposal)
+        located = self.config.policies.get(proposal.policy)
+        terms = (required(located.value, proposal.step, self.config.fleet.spec.quorum)
+                 if located is not None and policy_digest(located.value) == proposal.policy_digest
+                 else None)
         if verdict == "reject" and "veto" in self.persona.spec.duties:
             verdict = "block"
         self.metrics.vote(verdict)
@@ -495,7 +591,8 @@ class Coordinator:
             left = (proposal.quorum.deadline - datetime.now(UTC)).total_seconds() / 2
             if left > 0:
                 rationale = await self.argue(proposal, verdict, reason, within=left)
-        return Judgement(verdict, reason, evidence, rationale)  # type: ignore[arg-type]
+        return Judgement(verdict, reason, evidence, rationale,  # type: ignore[arg-type]
+                         required=terms)
 
     async def _judge(self, envelope: Envelope,
                      proposal: Proposal) -> tuple[str, str, dict[str, object]]:
@@ -507,7 +604,7 @@ class Coordinator:
         if mine != proposal.policy_digest:
             return "reject", (f"policy drift: my {policy.name} digest is {mine[:12]}, "
                               f"the proposal's {proposal.policy_digest[:12]}"), {}
-        if (problem := self._mismatch(policy, proposal)) is not None:
+        if (problem := self._mismatch(policy, proposal, envelope.at)) is not None:
             return "reject", problem, {}
         if (problem := self._proposer_not_allowed(envelope.sender, proposal)) is not None:
             return "reject", problem, {}
@@ -526,16 +623,22 @@ class Coordinator:
                                   f"({holder.executor})"), {}
         return await self._observe_myself(policy, proposal, now)
 
-    def _mismatch(self, policy: RepairPolicy, proposal: Proposal) -> str | None:
-        remedies = policy.spec.remedies
-        if not 0 <= proposal.step < len(remedies):
+    def _mismatch(self, policy: RepairPolicy, proposal: Proposal,
+                  sent: datetime) -> str | None:
+        """What in the proposal is not the policy's step: action, params, or a quorum
+        rule looser than the policy's (the proposer writes the rule it is judged by)."""
+        terms = required(policy, proposal.step, self.config.fleet.spec.quorum)
+        if terms is None:
             return f"{policy.name} has no step {proposal.step}"
-        remedy = remedies[proposal.step]
+        remedy = policy.spec.remedies[proposal.step]
         if remedy.action != proposal.action:
             return (f"step {proposal.step} of {policy.name} is {remedy.action}, "
                     f"not {proposal.action}")
         if remedy.typed_params().model_dump(mode="json") != proposal.params:
             return f"params differ from step {proposal.step} of {policy.name}"
+        if problems := looser(proposal.quorum, proposal.destructive, sent, terms):
+            return (f"quorum rule looser than step {proposal.step} of {policy.name}: "
+                    + "; ".join(problems))
         return None
 
     def _proposer_not_allowed(self, proposer: str, proposal: Proposal) -> str | None:
@@ -590,10 +693,15 @@ class Coordinator:
     async def _on_control(self, envelope: Envelope, control: Control) -> None:
         log.warning("operator control", verb=control.verb, by=envelope.sender,
                     reason=control.reason, policy=control.policy)
-        if control.verb == "freeze":
-            self.frozen = control
-        elif control.verb == "thaw":
-            self.frozen = None
+        if control.verb in ("freeze", "thaw"):
+            # Only a newer control moves the state: a thaw signed before the freeze it
+            # meets (a delayed or replayed one) leaves the fleet frozen.
+            newer = FreezeState(control if control.verb == "freeze" else None, envelope.at,
+                                envelope.id)
+            if self._freeze.after(newer) is not newer:
+                log.warning("operator control older than the freeze state: ignored",
+                            verb=control.verb, at=format_time(envelope.at))
+            self._freeze = self._freeze.after(newer)
         elif control.policy is not None:
             self.engine.reset_breaker(control.policy, by=envelope.sender, at=envelope.at)
 

@@ -89,7 +89,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import ClassVar
 
-from bus.messages import Target
+from bus.messages import Required, Target
 from runtime.catalog import Action, Params, UnitParams, lookup
 from runtime.config import DEFAULT_FLEET, Quorum, Remedy, RepairPolicy
 from runtime.detecting import JSON, Detection, Match, detect, expectation_met
@@ -109,6 +109,29 @@ def policy_digest(policy: RepairPolicy) -> str:
     canonical = json.dumps(policy.model_dump(mode="json", by_alias=True), sort_keys=True,
                            separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def step_quorum(remedy: Remedy, default: Quorum) -> Quorum | None:
+    """The quorum a step needs: its own, the fleet's default if destructive, else none."""
+    return remedy.quorum or (default if remedy.is_destructive else None)
+
+
+def required(policy: RepairPolicy, step: int, default: Quorum) -> Required | None:
+    """The terms a proposal for ``step`` of ``policy`` must meet (None: no such step).
+
+    A step that needs no quorum still gets terms when proposed (a proposer may ask
+    more than it must): one approval, no veto, the default deadline.
+    """
+    remedies = policy.spec.remedies
+    if not 0 <= step < len(remedies):
+        return None
+    remedy = remedies[step]
+    quorum = step_quorum(remedy, default)
+    if quorum is None:
+        return Required(approvals=1, veto=(), deadline=default.deadline.total_seconds(),
+                        destructive=False)
+    return Required(approvals=quorum.approvals, veto=quorum.veto,
+                    deadline=quorum.deadline.total_seconds(), destructive=remedy.is_destructive)
 
 
 # ---------------------------------------------------------------- what the engine says
@@ -525,7 +548,7 @@ class PolicyEngine:
             action=lookup(remedy.action),
             params=remedy.typed_params(),
             destructive=destructive,
-            quorum=remedy.quorum or (self._default_quorum if destructive else None),
+            quorum=step_quorum(remedy, self._default_quorum),
             dry_run=state.policy.spec.mode == "dry-run",
             finding=ladder.finding,
             offered_at=at,

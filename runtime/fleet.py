@@ -41,14 +41,15 @@ from ruamel.yaml import YAML
 from bus.connection import Connection
 from bus.envelope import Accepted, Dropped
 from bus.messages import Heartbeat
-from runtime import auditing
+from bus.reading import Stored
+from runtime import auditing, operating
 from runtime.cluster.controlplane import ControlPlane
 from runtime.cluster.nodesim import api_client
 from runtime.cluster.rbac import render_all
-from runtime.coordinating import Roster
+from runtime.coordinating import Roster, jetstream_settings
 from runtime.credentials import write_seed
 from runtime.durations import format_duration
-from runtime.loading import config_paths, load, yaml_files
+from runtime.loading import ConfigSet, config_paths, load, yaml_files
 from runtime.natsserver import free_ports
 from runtime.watching import SUBJECT, View
 
@@ -422,7 +423,7 @@ class AgentFleet:
     def roster(self) -> Roster:
         return Roster.of(load(config_paths(self.config_dir)))
 
-    async def stored(self) -> list[auditing.Stored]:
+    async def stored(self) -> list[Stored]:
         """Everything in ZETA_AUDIT so far, as stored."""
         conn = Connection([self.bus_url], name="zeta-fleet-audit", seed=None)
         await conn.connect()
@@ -464,6 +465,15 @@ class AgentFleet:
             await self.tap.close()
 
 
+async def init_bus(url: str, config: ConfigSet, *, seed: bytes | None = None) -> None:
+    """Make the audit stream and lease bucket as an operator does once
+    (``zeta-agent bus init``): agents only check them."""
+    problems = await operating.bus_resources("init", urls=[url], seed=seed,
+                                             settings=jetstream_settings(config), within=15)
+    if problems:
+        raise FleetError("the bus resources are not as configured: " + "; ".join(problems))
+
+
 def prepare_fleet(workdir: Path, bus_url: str, apiserver: str, *, source: Path = REPO,
                   policies: Mapping[str, Mapping[str, Any]] | None = None,
                   tick: timedelta = TICK) -> Path:
@@ -482,6 +492,7 @@ async def start_fleet(config_dir: Path, workdir: Path, bus_url: str, plane: Cont
     persona; returns at once (``AgentFleet.wait_ready``), so that a caller interrupted
     while they start up still holds the processes to stop."""
     config = load(config_paths(config_dir))
+    await init_bus(bus_url, config)
     await asyncio.to_thread(install_kubernetes, config_dir, plane)
     fleet = AgentFleet(config_dir, bus_url, BusTap(bus_url, Roster.of(config), on_line))
     await fleet.tap.start()

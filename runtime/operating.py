@@ -29,7 +29,7 @@ from ruamel.yaml.error import YAMLError
 
 from bus.connection import BusUnavailableError, Connection, subject_for
 from bus.envelope import Envelope, seal
-from bus.jetstream import Settings, ensure
+from bus.jetstream import Settings, check, ensure
 from bus.keys import Signer
 from bus.messages import Control
 from runtime.config import Fleet
@@ -207,3 +207,23 @@ async def send(envelope: Envelope, *, urls: Sequence[str], seed: bytes, settings
     finally:
         await connection.close()
     return problems
+
+
+async def bus_resources(action: str, *, urls: Sequence[str], seed: bytes | None,
+                        settings: Settings, within: float) -> list[str]:
+    """``zeta-agent bus init|check``: what differs from ``settings`` after it.
+
+    Only this (an operator's command) creates the resources; the rendered permissions
+    let no persona do it, and nobody change them.
+    """
+    connection = Connection(urls, name=f"zeta-agent bus {action}", seed=seed)
+    run = {"init": ensure, "check": check}[action]
+    try:
+        await connect_within(connection, within, urls)
+        async with asyncio.timeout(within):
+            return await run(connection.js, settings)
+    except (TimeoutError, BusUnavailableError, NatsError) as exc:
+        raise NotSentError(f"the bus did not answer: {exc or type(exc).__name__} (a "
+                           "permissions violation shows in the nats-server log)") from None
+    finally:
+        await connection.close()

@@ -19,13 +19,12 @@ import json
 from collections.abc import Iterable, Sequence
 
 from bus import subjects
-from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET
+from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, LEASES_STREAM
+from bus.messages import Target, TargetKind
+from runtime.catalog import CATALOG, Action, Params, UnitParams
 from runtime.config import Persona
 from runtime.loading import ConfigSet
-from runtime.scopes import allows
-
-LEASES_STREAM = f"KV_{LEASES_BUCKET}"
-"""The stream a KV bucket is stored in; its JetStream API requests name this."""
+from runtime.scopes import allows, parse
 
 SUBSCRIBE_ALLOW: tuple[str, ...] = ("zeta.>", "_INBOX.>")
 """What operators and watchers may subscribe to (their tools use the shared inbox)."""
@@ -40,13 +39,12 @@ push-consumer deliveries both arrive on the client's inboxes)."""
 _ANY_REPAIR = "*"
 
 
-def _ensure(stream: str) -> tuple[str, ...]:
-    """Look a stream up and create it if missing (``bus.jetstream.ensure``).
-
-    Creating an existing stream with another configuration is refused by the
-    server, so CREATE cannot be used to change the audit stream's settings.
-    """
-    return (f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}")
+def _create(stream: str) -> tuple[str, ...]:
+    """Create a stream if missing (``zeta-agent bus init``): operators only. Agents only
+    look (STREAM.INFO, in ``_read``), so a stolen persona key cannot make the audit
+    stream or the lease bucket again, weaker. The server refuses a create that would
+    change an existing stream, so this changes nothing that exists."""
+    return (f"$JS.API.STREAM.CREATE.{stream}",)
 
 
 def _read(stream: str) -> tuple[str, ...]:
@@ -75,15 +73,49 @@ def _unique(groups: Iterable[Iterable[str]]) -> list[str]:
 
 
 def _jetstream_common() -> list[str]:
-    """What every agent and operator needs: both resources ensured, both readable."""
-    return _unique([_ensure(AUDIT_STREAM), _read(AUDIT_STREAM),
-                    _ensure(LEASES_STREAM), _read(LEASES_STREAM)])
+    """What every agent and operator needs: both resources readable (and checked)."""
+    return _unique([_read(AUDIT_STREAM), _read(LEASES_STREAM)])
 
 
-def writes_leases(persona: Persona) -> bool:
-    """Executors take and release leases; ``bus:leases:release`` clears stale ones."""
+def _probe_params(action: Action, granted: Sequence[str]) -> list[Params]:
+    """Params to ask an action's scope function about: a unit action's scope names its
+    unit, so every unit the persona's scopes name is tried; others take their defaults."""
+    if action.params is not UnitParams:
+        return [action.params()]
+    units = {parse(s)[3] for s in granted if s.startswith("host:units:") and len(parse(s)) == 4}
+    return [UnitParams(unit="probe.service" if u == "*" else u) for u in sorted(units)]
+
+
+_HOLDS_NOTHING = frozenset({"bus.escalate"})
+"""Telling people changes nothing a second executor could collide with: no lease."""
+
+
+def lease_kinds(persona: Persona) -> list[TargetKind]:
+    """The kinds of target whose leases ``persona`` may take: those of every catalog
+    action its scopes allow on some target, if it executes at all."""
     spec = persona.spec
-    return "execute" in spec.duties or allows(spec.effective_scopes, "bus:leases:release")
+    if "execute" not in spec.duties:
+        return []
+    granted = spec.effective_scopes
+    return list(dict.fromkeys(
+        kind for action in CATALOG.values() if action.name not in _HOLDS_NOTHING
+        for kind in action.targets
+        if any(allows(granted, action.scope_for(Target(kind=kind, name="probe", host="probe"),
+                                                params))
+               for params in _probe_params(action, granted))))
+
+
+def lease_subjects(persona: Persona) -> list[str]:
+    """The lease keys ``persona`` may write (take, release), as bucket subjects.
+
+    An executor may hold leases only on the kinds of target it may act on: one stolen
+    executor key can then block the repairs of those kinds, not every repair.
+    ``bus:leases:release`` clears the stale lease of anyone, so it writes every key
+    (NATS cannot tell a put from a delete: both are publishes).
+    """
+    if allows(persona.spec.effective_scopes, "bus:leases:release"):
+        return [f"$KV.{LEASES_BUCKET}.>"]
+    return [f"$KV.{LEASES_BUCKET}.{kind}.>" for kind in lease_kinds(persona)]
 
 
 def publish_allow(persona: Persona) -> list[str]:
@@ -98,13 +130,14 @@ def publish_allow(persona: Persona) -> list[str]:
         bus += [subjects.started(_ANY_REPAIR), subjects.result(_ANY_REPAIR)]
     # Puts, creates and deletes of KV entries are plain publishes to the bucket's
     # subjects; reading goes through the JetStream API granted to everyone.
-    leases = [f"$KV.{LEASES_BUCKET}.>"] if writes_leases(persona) else []
-    return _unique([bus, leases, _jetstream_common()])
+    return _unique([bus, lease_subjects(persona), _jetstream_common()])
 
 
 def operator_publish_allow() -> list[str]:
-    """Operators sign and publish controls (stored in the audit stream) and may read it."""
-    return _unique([[subjects.control(">")], _jetstream_common()])
+    """Operators sign and publish controls (stored in the audit stream), may read it,
+    and create the bus resources (``zeta-agent bus init``)."""
+    return _unique([[subjects.control(">")], _create(AUDIT_STREAM), _create(LEASES_STREAM),
+                    _jetstream_common()])
 
 
 def watcher_publish_allow() -> list[str]:

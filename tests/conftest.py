@@ -46,10 +46,23 @@ def config_copy(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A real nats-server with JetStream on a free port, with its own store."""
+def bare_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server with JetStream on a free port, with its own store, and nothing in it."""
     with NatsServer(tmp_path / "nats-store") as server:
         yield server
+
+
+@pytest.fixture
+async def nats_server(bare_nats_server: NatsServer) -> NatsServer:
+    """``bare_nats_server`` with the audit stream and lease bucket made, as an operator
+    makes them once (``zeta-agent bus init``): agents only check them."""
+    connection = Connection([bare_nats_server.url], name="operator", seed=None)
+    await connection.connect()
+    try:
+        assert await ensure(connection.js, Settings()) == []
+    finally:
+        await connection.close()
+    return bare_nats_server
 
 
 @pytest.fixture

@@ -39,8 +39,9 @@ from bus.messages import (
     Verdict,
     Vote,
 )
+from bus.reading import Stored
 from runtime import tools
-from runtime.auditing import Stored, Violation, verify
+from runtime.auditing import Violation, verify
 from runtime.cli import main
 from runtime.natsserver import NatsServer, free_ports
 from tests.builders import T0

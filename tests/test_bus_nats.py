@@ -8,11 +8,22 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from nats.js.api import RetentionPolicy, StorageType
+from nats.js.errors import NotFoundError
 
 from bus import leases
 from bus.connection import Connection
 from bus.envelope import Envelope, Verifier
-from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, bucket_config, ensure
+from bus.ids import new_id
+from bus.jetstream import (
+    AUDIT_STREAM,
+    LEASES_BUCKET,
+    Settings,
+    bucket_config,
+    check,
+    ensure,
+    stream_config,
+)
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
 from bus.protocol import Judgement, Protocol
@@ -24,8 +35,8 @@ KEYS = {n: s.public_key for n, s in SIGNERS.items()}
 
 
 @pytest.fixture
-def server(nats_server: NatsServer) -> NatsServer:
-    return nats_server
+def server(bare_nats_server: NatsServer) -> NatsServer:
+    return bare_nats_server
 
 
 @pytest.fixture
@@ -36,26 +47,62 @@ async def conn(server: NatsServer) -> AsyncIterator[Connection]:
     await c.close()
 
 
-async def test_ensure_creates_then_accepts_then_reports_differences(conn: Connection) -> None:
+async def test_check_reports_missing_resources_and_ensure_creates_them(conn: Connection) -> None:
+    missing = await check(conn.js, Settings())
+    assert missing == [f"{AUDIT_STREAM} does not exist: an operator creates it with "
+                       "`zeta-agent bus init`",
+                       f"KV_{LEASES_BUCKET} does not exist: an operator creates it with "
+                       "`zeta-agent bus init`"]
+    with pytest.raises(NotFoundError):
+        await conn.js.stream_info(AUDIT_STREAM)  # check made nothing
     assert await ensure(conn.js, Settings()) == []
     info = await conn.js.stream_info(AUDIT_STREAM)
     assert info.config.subjects == ["zeta.repair.>", "zeta.control.>"]
     assert await ensure(conn.js, Settings()) == []
-    problems = await ensure(conn.js, Settings(max_age=timedelta(days=7)))
-    assert len(problems) == 1
-    assert "max_age" in problems[0]
+    assert await check(conn.js, Settings()) == []
+    problems = await check(conn.js, Settings(max_age=timedelta(days=7)))
+    assert problems == [f"{AUDIT_STREAM} max_age is 7776000.0, expected 604800.0s"]
 
 
-async def test_a_lease_bucket_that_allows_direct_gets_is_reported(conn: Connection) -> None:
-    # As `nats kv add` makes it by default: any replica would answer a read.
-    await conn.js.create_key_value(replace(bucket_config(Settings()), direct=True))
-    problems = await ensure(conn.js, Settings())
-    assert problems == [f"{LEASES_BUCKET} allows direct gets: a replica cut off from the "
-                        "leader could answer a fencing check from a stale copy"]
-    ours = await conn.js.stream_info(f"KV_{LEASES_BUCKET}")
-    await conn.js.delete_stream(ours.config.name or "")
-    assert await ensure(conn.js, Settings()) == []
-    assert not (await conn.js.stream_info(f"KV_{LEASES_BUCKET}")).config.allow_direct
+WEAKENED = [
+    # (stream, the change an attacker or a careless hand made, the setting named)
+    (AUDIT_STREAM, {"deny_delete": False}, "deny_delete"),
+    (AUDIT_STREAM, {"deny_purge": False}, "deny_purge"),
+    (AUDIT_STREAM, {"retention": RetentionPolicy.INTEREST}, "retention"),
+    (AUDIT_STREAM, {"max_age": 3600.0}, "max_age"),
+    (AUDIT_STREAM, {"max_msgs": 10}, "max_msgs"),
+    (AUDIT_STREAM, {"max_bytes": 1 << 20}, "max_bytes"),
+    (AUDIT_STREAM, {"storage": StorageType.MEMORY}, "storage"),
+    (AUDIT_STREAM, {"allow_rollup_hdrs": True, "deny_purge": False}, "allow_rollup_hdrs"),
+    (AUDIT_STREAM, {"allow_msg_ttl": True}, "allow_msg_ttl"),
+    (AUDIT_STREAM, {"duplicate_window": 5.0}, "duplicate_window"),
+    (AUDIT_STREAM, {"subjects": ["zeta.repair.>"]}, "subjects"),
+    (f"KV_{LEASES_BUCKET}", {"max_age": 2.0, "duplicate_window": 2.0}, "max_age"),
+    (f"KV_{LEASES_BUCKET}", {"max_msgs_per_subject": 5}, "history"),
+    (f"KV_{LEASES_BUCKET}", {"storage": StorageType.MEMORY}, "storage"),
+    (f"KV_{LEASES_BUCKET}", {"allow_direct": True}, "allow_direct"),
+    (f"KV_{LEASES_BUCKET}", {"allow_rollup_hdrs": True, "deny_purge": False},
+     "allow_rollup_hdrs"),
+    (f"KV_{LEASES_BUCKET}", {"allow_msg_ttl": True}, "allow_msg_ttl"),
+    (f"KV_{LEASES_BUCKET}", {"deny_purge": False}, "deny_purge"),
+]
+
+
+@pytest.mark.parametrize(("stream", "change", "setting"), WEAKENED,
+                         ids=[f"{s}-{n}" for s, _, n in WEAKENED])
+async def test_a_weakened_resource_is_reported_by_name(conn: Connection, stream: str,
+                                                       change: dict[str, object],
+                                                       setting: str) -> None:
+    """Made weaker before the agents came (as `nats stream add` or `nats kv add` would):
+    every weakened setting is a named difference, and nothing is changed by checking."""
+    good = {c.name: c for c in (stream_config(Settings()), bucket_config(Settings()))}
+    for name, config in good.items():
+        await conn.js.add_stream(replace(config, **change) if name == stream else config)
+    problems = await check(conn.js, Settings())
+    assert len(problems) == len(set(change) - {"duplicate_window"}) or stream == AUDIT_STREAM, (
+        problems)
+    assert any(p.startswith(f"{stream} {setting}") for p in problems), problems
+    assert await check(conn.js, Settings()) == problems, "checking changed nothing"
 
 
 async def test_two_racing_proposers_get_exactly_one_lease(conn: Connection) -> None:
@@ -64,7 +111,7 @@ async def test_two_racing_proposers_get_exactly_one_lease(conn: Connection) -> N
 
     async def take(who: str) -> leases.Lease | leases.LeaseHeldError:
         try:
-            return await leases.acquire(kv, "node.worker-1", repair=f"r-{who}", executor=who,
+            return await leases.acquire(kv, "node.worker-1", repair=new_id(), executor=who,
                                         ttl=timedelta(minutes=5))
         except leases.LeaseHeldError as exc:
             return exc
@@ -78,7 +125,7 @@ async def test_two_racing_proposers_get_exactly_one_lease(conn: Connection) -> N
     assert await leases.still_held(kv, won[0])
     assert await leases.release(kv, won[0])
     assert not await leases.still_held(kv, won[0])
-    again = await leases.acquire(kv, "node.worker-1", repair="r2", executor="vera",
+    again = await leases.acquire(kv, "node.worker-1", repair=new_id(), executor="vera",
                                  ttl=timedelta(minutes=5))
     assert again.token > won[0].token, "a re-taken lease must carry a newer fencing token"
     assert not await leases.release(kv, won[0]), "a stale holder must not release the new lease"

@@ -63,6 +63,7 @@ from nats.js.api import StreamInfo
 
 from bus.connection import BusUnavailableError, Connection
 from bus.jetstream import AUDIT_STREAM
+from bus.reading import Stored
 from runtime import auditing, logs
 from runtime.fleet import AgentProcess, prepare_config, stop_agents, wait_until
 from runtime.natsserver import NatsCluster, NatsServer, NatsServerError
@@ -155,7 +156,7 @@ def _read_audit(host: Host) -> list[dict[str, Any]]:
     Empty until an agent has created the stream.
     """
 
-    async def read() -> list[auditing.Stored]:
+    async def read() -> list[Stored]:
         conn = await _connected("partition-audit")
         try:
             async with asyncio.timeout(30):

@@ -32,7 +32,7 @@ from structlog.testing import capture_logs
 from bus import ids, leases, subjects
 from bus.connection import BusUnavailableError, Connection
 from bus.envelope import Envelope, seal
-from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure, stream_config
+from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, check, ensure, stream_config
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Control, Heartbeat, Proposal, QuorumRule, Target, Vote
 from runtime import auditing
@@ -40,17 +40,18 @@ from runtime.acting import Outcome
 from runtime.agent import build
 from runtime.config import BusUser
 from runtime.credentials import SEED_FILE, write_seed
-from runtime.fleet import prepare_config
+from runtime.fleet import init_bus, prepare_config
 from runtime.loading import ConfigSet, config_paths, load
 from runtime.natsserver import NatsServer, binary, free_ports
 from runtime.operating import connect_within
 from runtime.permissions import (
     DuplicateKeyError,
+    lease_kinds,
+    lease_subjects,
     operator_publish_allow,
     publish_allow,
     render_nats,
     watcher_publish_allow,
-    writes_leases,
 )
 from tests.builders import RecordingActuator, persona
 from tests.conftest import REPO
@@ -118,8 +119,9 @@ def test_a_persona_may_publish_only_under_its_own_name_and_its_scopes(
     assert allowed(allow, subjects.started(repair)) == may["execute"]
     assert allowed(allow, subjects.result(repair)) == may["execute"]
     assert allowed(allow, f"$KV.{LEASES_BUCKET}.node.worker-1") == (
-        may["execute"] or role == "releaser")
-    assert writes_leases(p) == (may["execute"] or role == "releaser")
+        role == "releaser" or "node" in lease_kinds(p))
+    if not may["execute"] and role != "releaser":
+        assert lease_subjects(p) == []
     for verb in ("freeze", "thaw", "breaker-reset"):
         assert not allowed(allow, subjects.control(verb))
     assert not any(allowed(allow, s) for s in DESTROYERS)
@@ -214,6 +216,11 @@ class Bus:
     def violations(self) -> list[str]:
         return [line for line in self.server.lines if "Violation" in line]
 
+    async def init(self) -> None:
+        """Make the audit stream and lease bucket, as the operator does once."""
+        operator = await self.connect(OPERATOR)
+        assert await ensure(operator.js, Settings()) == []
+
     async def refused(self, name: str, subject: str) -> None:
         """Wait until the server has logged refusing ``subject`` from ``name``'s key."""
         key = self.signer(name).public_key
@@ -296,16 +303,24 @@ async def audit_count(connection: Connection) -> int:
     return int(info.state.messages)
 
 
-async def test_every_persona_and_the_operator_can_ensure_the_resources(bus: Bus) -> None:
-    for name in (*PERSONAS, OPERATOR):
+async def test_only_the_operator_creates_the_resources_and_every_persona_checks_them(
+        bus: Bus) -> None:
+    for name in PERSONAS:
         connection = await bus.connect(name)
-        assert await ensure(connection.js, Settings()) == [], name
-    assert bus.violations() == []
+        with pytest.raises(NatsError):
+            await connection.nc.request(f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}", b"{}",
+                                        timeout=1)
+        await bus.refused(name, f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}")
+    operator = await bus.connect(OPERATOR)
+    assert await ensure(operator.js, Settings()) == []
+    for name in PERSONAS:
+        connection = await bus.connect(name)
+        assert await check(connection.js, Settings()) == [], name
 
 
 async def test_a_persona_cannot_vote_as_another(bus: Bus) -> None:
     alexa, otto = await bus.connect("alexa"), await bus.connect("otto")
-    await ensure(otto.js, Settings())
+    await bus.init()
     inbox = await listen(otto)
     repair = ids.new_id()
     forged = subjects.vote(repair, "riven")
@@ -323,7 +338,7 @@ async def test_a_persona_cannot_vote_as_another(bus: Bus) -> None:
 
 async def test_a_persona_publishes_its_own_vote_and_heartbeat(bus: Bus) -> None:
     alexa, watcher = await bus.connect("alexa"), await bus.connect(WATCHER)
-    await ensure(alexa.js, Settings())
+    await bus.init()
     inbox = await listen(watcher)
     repair = ids.new_id()
     await alexa.publish(subjects.vote(repair, "alexa"), vote("alexa", bus.signer("alexa"), repair))
@@ -337,7 +352,7 @@ async def test_a_persona_publishes_its_own_vote_and_heartbeat(bus: Bus) -> None:
 @pytest.mark.parametrize("name", ["alexa", "riven"])
 async def test_a_persona_without_bus_propose_cannot_propose(bus: Bus, name: str) -> None:
     voter, otto = await bus.connect(name), await bus.connect("otto")
-    await ensure(otto.js, Settings())
+    await bus.init()
     inbox = await listen(otto)
     repair = ids.new_id()
     with pytest.raises(BusUnavailableError):
@@ -350,15 +365,15 @@ async def test_a_persona_without_bus_propose_cannot_propose(bus: Bus, name: str)
 
 async def test_only_an_executor_writes_leases(bus: Bus) -> None:
     alexa, otto = await bus.connect("alexa"), await bus.connect("otto")
-    await ensure(otto.js, Settings())
+    await bus.init()
     # A short timeout: a refused write is never acknowledged, only timed out.
     kv_alexa = await alexa.nc.jetstream(timeout=1).key_value(LEASES_BUCKET)
     kv_otto = await otto.js.key_value(LEASES_BUCKET)
     ttl = timedelta(minutes=5)
     with pytest.raises(NatsError):
-        await leases.acquire(kv_alexa, "node.worker-1", repair="r1", executor="alexa", ttl=ttl)
+        await leases.acquire(kv_alexa, "node.worker-1", repair=ids.new_id(), executor="alexa", ttl=ttl)
     await bus.refused("alexa", f"$KV.{LEASES_BUCKET}.node.worker-1")
-    lease = await leases.acquire(kv_otto, "node.worker-1", repair="r2", executor="otto", ttl=ttl)
+    lease = await leases.acquire(kv_otto, "node.worker-1", repair=ids.new_id(), executor="otto", ttl=ttl)
     assert lease.token == 1, "the refused create stored nothing"
     # A voter reads leases (it checks them before approving), but cannot release one.
     assert await leases.holder(kv_alexa, "node.worker-1") == lease
@@ -372,7 +387,7 @@ async def test_only_an_executor_writes_leases(bus: Bus) -> None:
 
 async def test_nobody_can_delete_purge_or_reconfigure_the_audit(bus: Bus) -> None:
     otto = await bus.connect("otto")
-    await ensure(otto.js, Settings())
+    await bus.init()
     repair = ids.new_id()
     await otto.publish(subjects.vote(repair, "otto"), vote("otto", bus.signer("otto"), repair))
     everyone = (*PERSONAS, OPERATOR, WATCHER)
@@ -391,16 +406,21 @@ async def test_nobody_can_delete_purge_or_reconfigure_the_audit(bus: Bus) -> Non
         assert all(isinstance(r, NatsError) for r in results), (name, results)
         for subject in destroyers:
             await bus.refused(name, subject)
-    # Creating it again with other settings is the server's refusal, not a way around.
+    # Creating it again with other settings is the server's refusal, not a way around;
+    # and a persona may not even ask.
     changed = replace(stream_config(Settings()), max_age=timedelta(days=7).total_seconds())
     with pytest.raises(BadRequestError, match="different configuration"):
-        await otto.js.add_stream(changed)
+        await connections[everyone.index(OPERATOR)].js.add_stream(changed)
+    with pytest.raises(NatsError):
+        await otto.nc.request(f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",
+                              changed.as_json().encode(), timeout=1)
+    await bus.refused("otto", f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}")
     assert await audit_count(otto) == 1
 
 
 async def test_a_watcher_reads_everything_and_publishes_nothing(bus: Bus) -> None:
     watcher, otto = await bus.connect(WATCHER), await bus.connect("otto")
-    await ensure(otto.js, Settings())
+    await bus.init()
     inbox = await listen(watcher)
     await watcher.publish(subjects.heartbeat("otto"), heartbeat("otto", bus.signer(WATCHER)))
     await bus.refused(WATCHER, subjects.heartbeat("otto"))
@@ -431,7 +451,7 @@ async def test_a_reader_answers_flow_control_past_the_first_window(bus: Bus) -> 
     # kv.watch) stops delivering after ~2 MiB pending until the reader answers the
     # server's flow-control request on $JS.FC.…: that answer must be allowed.
     otto, alexa = await bus.connect("otto"), await bus.connect("alexa")
-    await ensure(otto.js, Settings())
+    await bus.init()
     repair, blob, count = ids.new_id(), "x" * 50_000, 60
     for _ in range(count):
         await otto.publish(subjects.vote(repair, "otto"), seal(
@@ -501,16 +521,21 @@ async def test_the_five_agents_repair_on_a_bus_that_enforces_the_rendered_permis
     # The shipped personas with fresh keys decide and run a destructive repair (the API
     # server is a closed port, so apiserver-unreachable opens and Otto proposes).
     port, config_dir = _closed_port(), tmp_path / "config"
+    operator = write_seed(config_dir / "credentials", OPERATOR)
     prepare_config(
         REPO, config_dir, tick=None, nats_url=f"nats://127.0.0.1:{port}", dry_run=False,
         policy_spec={"apiserver-unreachable": {"detect": {"kind": "apiserver-unreachable",
                                                           "minPaths": 2, "for": "0s"}}},
-        fleet_spec={"apiservers": [f"https://127.0.0.1:{_closed_port()}"]})
+        fleet_spec={"apiservers": [f"https://127.0.0.1:{_closed_port()}"],
+                    "operators": [{"name": OPERATOR, "nkey": operator}]})
     config = load(config_paths(config_dir))
     conf = tmp_path / "nats.conf"
     conf.write_text(render_nats(config, listen="127.0.0.1:4222", store_dir=None))
     actuator = RecordingActuator(Outcome(ok=True, detail="k3s.service restarted"))
     with NatsServer(tmp_path / "store", config=conf, port=port) as server:
+        # What the operator does once, with the operator's own key.
+        await init_bus(server.url, config,
+                       seed=(config_dir / "credentials" / OPERATOR / SEED_FILE).read_bytes())
         agents = [build(config, name, state_dir=tmp_path / "state" / name, environ={},
                         host=name, actuators={"host.unit.restart": actuator})
                   for name in PERSONAS]
@@ -539,15 +564,19 @@ def test_the_operations_doc_lists_exactly_the_jetstream_subjects_granted() -> No
     config = load(config_paths(REPO))
     granted = {"voter": publish_allow(config.persona("alexa")),
                "executor": publish_allow(config.persona("otto")),
+               "releaser": publish_allow(config.persona("lior")),
                "operator": operator_publish_allow(), "watcher": watcher_publish_allow()}
-    who = {"everyone": set(granted), "personas, operators": {"voter", "executor", "operator"},
+    who = {"everyone": set(granted), "operators": {"operator"},
            "watchers": {"watcher"},
-           "personas with duty `execute` or scope `bus:leases:release`": {"executor"}}
+           "personas with scope `bus:leases:release`": {"releaser"},
+           "personas with duty `execute`, for each kind of target its scopes let it act on":
+               {"executor"}}
+    kinds = lease_kinds(config.persona("otto"))
     documented: set[str] = set()
     for subject, holders, _ in rows:
         assert holders in who, holders
-        for stream in (AUDIT_STREAM, f"KV_{LEASES_BUCKET}"):
-            expanded = subject.strip("`").replace("<stream>", stream)
+        for stream, kind in itertools.product((AUDIT_STREAM, f"KV_{LEASES_BUCKET}"), kinds):
+            expanded = subject.strip("`").replace("<stream>", stream).replace("<kind>", kind)
             documented.add(expanded)
             for role, allow in granted.items():
                 assert (expanded in allow) == (role in who[holders]), (expanded, role)
@@ -559,7 +588,7 @@ async def test_a_persona_reads_only_its_own_replies(bus: Bus) -> None:
     """With the shared _INBOX any persona could read every JetStream answer on the bus."""
     alexa = await bus.connect("alexa")
     otto = await bus.connect("otto")
-    await ensure(otto.js, Settings())
+    await bus.init()
     snooped: list[str] = []
 
     async def snoop(msg: Msg) -> None:
