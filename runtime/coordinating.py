@@ -221,10 +221,10 @@ class Coordinator:
         """Why destructive work must not start now, or None when it may."""
         if not self.connected:
             return "bus down: destructive actions need a quorum"
-        if self.kv is None:
-            return "bus connected but its JetStream resources are not ready yet"
         if self.problems:
             return "bus resources have incompatible settings: " + "; ".join(self.problems)
+        if self.kv is None:
+            return "bus connected but its JetStream resources are not ready yet"
         if self.jetstream_error is not None:
             # The local server answers but JetStream does not (on the minority side of a
             # partition it has no meta leader): no vote or lease could be stored.

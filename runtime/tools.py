@@ -45,6 +45,7 @@ from bus.messages import (
     Kind,
     Proposal,
     QuorumRule,
+    Required,
     Result,
     Started,
     Target,
@@ -245,16 +246,19 @@ def story(signers: Mapping[str, Signer], *, start: datetime, host: str = "cp-1",
         summary="node worker-1 Ready=Unknown for 3m",
         evidence={"since": "2026-11-27T05:57:00Z", "reason": "NodeStatusUnknown"},
         rationale="not Ready for 3m, longer than the policy's 2m"))
+    # What the voters' own copy of the policy demands, recorded in each vote.
+    required = Required(approvals=3, veto=("riven",), deadline=30, destructive=True)
     votes = [
         say("vote", "alexa", 1.4, Vote(
             verdict="approve", reason="confirmed from cp-2: kubelet on worker-1 not answering",
             evidence={"host": "cp-2", "kubelet_healthz": "connection refused"},
-            observed_at=start + timedelta(seconds=1.3), policy_digest=policy_digest)),
+            observed_at=start + timedelta(seconds=1.3), policy_digest=policy_digest,
+            required=required)),
         say("vote", "riven", 1.6, Vote(
             verdict="approve", reason="pass: 1/4 nodes unhealthy, not a control-plane node, "
                                       "no PodDisruptionBudget at risk",
             evidence={"unhealthy": 1, "nodes": 4}, observed_at=start + timedelta(seconds=1.5),
-            policy_digest=policy_digest)),
+            policy_digest=policy_digest, required=required)),
     ]
     rule = Rule("otto", 3, frozenset({"riven"}), deadline)
     decided = tally(rule, [Ballot(v.id, v.sender, Vote.model_validate(v.body).verdict, v.at)

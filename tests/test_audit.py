@@ -33,6 +33,7 @@ from bus.messages import (
     Kind,
     Proposal,
     QuorumRule,
+    Required,
     Result,
     Started,
     Target,
@@ -53,6 +54,8 @@ SIGNERS = {n: Signer(generate_user_seed()) for n in (*VOTERS, "mallory", "oncall
 KEYS = {n: s.public_key for n, s in SIGNERS.items() if n != "oncall"}
 OPERATORS = {"oncall": SIGNERS["oncall"].public_key}
 TARGET = Target(kind="node", name="worker-1")
+# What the voters' copy of the policy demands for the step proposed below.
+REQUIRED = Required(approvals=3, veto=("riven",), deadline=30, destructive=True)
 
 
 def at(seconds: float) -> datetime:
@@ -90,7 +93,7 @@ class History:
              signer: str | None = None) -> Envelope:
         return self.add("vote", voter, Vote(
             verdict=verdict, reason=f"{voter} says {verdict}", observed_at=at(seconds),
-            policy_digest="d" * 64), seconds, signer=signer)
+            policy_digest="d" * 64, required=REQUIRED), seconds, signer=signer)
 
     def decide(self, votes: Sequence[Envelope | str], outcome: str = "approved",
                sender: str = "otto", seconds: float = 3,
@@ -424,8 +427,8 @@ def _closed_port() -> int:
 
 @pytest.mark.slow
 def test_audit_lists_summarises_and_verifies_a_real_stream(
-        nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    keyed = keyed_config(tmp_path / "config", nats_server.url)
+        bare_nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keyed = keyed_config(tmp_path / "config", bare_nats_server.url)
     config = ["--config-dir", str(keyed.config_dir)]
     assert main(["audit", *config]) == 2
     assert "has no ZETA_AUDIT stream" in capsys.readouterr().err
@@ -436,7 +439,7 @@ def test_audit_lists_summarises_and_verifies_a_real_stream(
     broken.propose(seconds=10)
     broken.vote("alexa", seconds=11)
     started = broken.start(seconds=12)
-    asyncio.run(_publish(nats_server.url, [e for _, e in story] + broken.sent))
+    asyncio.run(_publish(bare_nats_server.url, [e for _, e in story] + broken.sent))
 
     assert main(["audit", *config]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -486,3 +489,82 @@ def test_audit_gives_up_on_an_unreachable_bus(
                  "--timeout", "0.3"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"zeta-agent: cannot reach the bus at {url} within 0.3s")
+
+
+# ---------------------------------------------------------------- a proposer's own rule
+
+
+def _loose_history(quorum: QuorumRule, *, destructive: bool = True,
+                   required: Required | None = REQUIRED) -> History:
+    """A repair proposed under ``quorum`` by a proposer holding only its own key, approved
+    by voters (as voters that did not hold the rule against the policy would), executed."""
+    h = History()
+    h.add("proposal", "otto", Proposal(
+        action="k8s.node.cordon", target=TARGET, policy="node-not-ready",
+        policy_digest="d" * 64, step=1, destructive=destructive, summary="worker-1 NotReady",
+        quorum=quorum), 1)
+    votes = [h.add("vote", v, Vote(verdict="approve", reason="ok", observed_at=at(2),
+                                   policy_digest="d" * 64, required=required), 2)
+             for v in ("alexa", "vera")]
+    h.decide(votes)
+    h.start()
+    h.result()
+    return h
+
+
+@pytest.mark.parametrize(("quorum", "destructive", "flagged"), [
+    (QuorumRule(approvals=3, veto=(), deadline=at(31)), True, "drops the veto of riven"),
+    (QuorumRule(approvals=2, veto=("riven",), deadline=at(31)), True, "asks 2 approvals"),
+    (QuorumRule(approvals=3, veto=("riven",), deadline=at(3600)), True, "deadline 3599s"),
+    (QuorumRule(approvals=3, veto=("riven",), deadline=at(31)), False, "non-destructive"),
+])
+def test_an_execution_under_a_rule_looser_than_the_policy_is_flagged(
+        quorum: QuorumRule, destructive: bool, flagged: str) -> None:
+    violations = check(_loose_history(quorum, destructive=destructive))
+    reasons = [v.reason for v in violations]
+    assert any("looser than the policy's" in r and flagged in r for r in reasons), reasons
+    assert any("not a valid quorum" in r for r in reasons), reasons
+
+
+def test_a_rule_nobody_can_check_is_flagged() -> None:
+    """No vote recorded the terms and the policy at that digest is unknown here: the
+    proposer alone wrote the rule, which is no evidence at all."""
+    history = _loose_history(QuorumRule(approvals=3, veto=("riven",), deadline=at(31)),
+                             required=None)
+    assert any("cannot be checked" in v.reason for v in check(history))
+
+
+def test_the_policy_in_configuration_checks_the_rule_at_its_digest() -> None:
+    from runtime.config import DEFAULT_FLEET
+    from runtime.engine import policy_digest
+    from runtime.loading import config_paths, load
+    from tests.conftest import REPO
+
+    policy = load(config_paths(REPO)).policies["node-not-ready"].value
+    h = History()
+    h.add("proposal", "otto", Proposal(
+        action="k8s.node.cordon", target=TARGET, policy="node-not-ready",
+        policy_digest=policy_digest(policy), step=0, destructive=True, summary="NotReady",
+        quorum=QuorumRule(approvals=3, veto=(), deadline=at(31))), 1)
+    votes = [h.add("vote", v, Vote(verdict="approve", reason="ok", observed_at=at(2),
+                                   policy_digest=policy_digest(policy)), 2)
+             for v in ("alexa", "vera")]
+    h.decide(votes)
+    h.start()
+    violations = verify(h.stored, KEYS, OPERATORS, VOTERS, policies={policy.name: policy},
+                        default_quorum=DEFAULT_FLEET.spec.quorum)
+    assert any("drops the veto of riven" in v.reason for v in violations), violations
+
+
+def test_a_start_while_a_verified_freeze_was_in_force_is_flagged() -> None:
+    h = History()
+    h.add("control", "oncall", Control(verb="thaw", reason="old thaw"), 0.5)
+    h.add("control", "oncall", Control(verb="freeze", reason="change window"), 0.8)
+    votes = [h.vote("alexa"), h.vote("riven", seconds=2.5)]
+    h.decide(votes)
+    h.start()
+    # A replay of the old thaw stored later changes nothing: order is by signed time.
+    h.raw(subjects.control("thaw"), h.sent[0].to_bytes())
+    reasons = [v.reason for v in check(h)]
+    assert any("started while the fleet was frozen ('change window')" in r
+               for r in reasons), reasons

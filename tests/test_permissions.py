@@ -412,8 +412,7 @@ async def test_nobody_can_delete_purge_or_reconfigure_the_audit(bus: Bus) -> Non
     with pytest.raises(BadRequestError, match="different configuration"):
         await connections[everyone.index(OPERATOR)].js.add_stream(changed)
     with pytest.raises(NatsError):
-        await otto.nc.request(f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",
-                              changed.as_json().encode(), timeout=1)
+        await otto.nc.request(f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}", b"{}", timeout=1)
     await bus.refused("otto", f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}")
     assert await audit_count(otto) == 1
 

@@ -1,0 +1,361 @@
+"""The quorum under attack, on a real nats-server with the shipped personas as agents.
+
+Each test first does what an attacker did (holding one persona's key, or none), then
+shows it no longer works: a proposer's loosened rule, a freeze lost to junk or to a
+replayed thaw, a weakened lease bucket, malformed messages and lease values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nats.aio.msg import Msg
+
+from bus import ids, leases, subjects
+from bus.connection import Connection, subject_for
+from bus.envelope import Accepted, Verifier, canonical, seal
+from bus.jetstream import LEASES_BUCKET, Settings, bucket_config, stream_config
+from bus.keys import Signer, generate_user_seed
+from bus.messages import BODIES, Control, Heartbeat, Proposal, QuorumRule, Target, Vote
+from bus.protocol import ASSESS_BURST, ASSESS_IN_FLIGHT, _Allowance
+from bus.quorum import Ballot, Rule, tally
+from runtime.agent import Agent, build
+from runtime.coordinating import FreezeState
+from runtime.credentials import SEED_FILE, write_seed
+from runtime.engine import policy_digest
+from runtime.fleet import prepare_config
+from runtime.loading import ConfigSet, config_paths, load
+from runtime.natsserver import NatsServer
+from runtime.watching import describe
+from tests.conftest import REPO
+from tests.test_fleet_quorum import NAMES, _closed_port, _until
+
+pytestmark = pytest.mark.slow
+OPERATOR = "oncall"
+
+
+def _config(tmp_path: Path, url: str, operator_key: str) -> ConfigSet:
+    config_dir = tmp_path / "config"
+    prepare_config(
+        REPO, config_dir, tick=None, nats_url=url, dry_run=True,
+        policy_spec={"apiserver-unreachable": {"detect": {"kind": "apiserver-unreachable",
+                                                          "minPaths": 2, "for": "0s"}}},
+        fleet_spec={"apiservers": [f"https://127.0.0.1:{_closed_port()}"],
+                    "quorum": {"approvals": 3, "veto": ["riven"], "deadline": "4s"},
+                    "operators": [{"name": OPERATOR, "nkey": operator_key}]})
+    return load(config_paths(config_dir))
+
+
+def _agents(config: ConfigSet, tmp_path: Path, names: tuple[str, ...]) -> dict[str, Agent]:
+    agents = {name: build(config, name, state_dir=tmp_path / "state" / name, environ={},
+                          host=name) for name in names}
+    for agent in agents.values():
+        agent.timing = type(agent.timing)(tick=0.5)
+    return agents
+
+
+async def _run(agents: dict[str, Agent], until: Callable[[], bool], within: float = 20) -> None:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
+    try:
+        async with asyncio.timeout(within):
+            await _until(until)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+def _seed(config: ConfigSet, name: str) -> bytes:
+    return (Path(config.fleet.spec.credentialsDir) / name / SEED_FILE).read_bytes()
+
+
+async def _client(url: str) -> Connection:
+    conn = Connection([url], name="attacker", seed=None)
+    await conn.connect()
+    return conn
+
+
+# ---------------------------------------------------------------- 1. a proposer's own rule
+
+
+@pytest.mark.parametrize(("loosen", "named"), [
+    ({"veto": ()}, "drops the veto of riven"),
+    ({"approvals": 1}, "asks 1 approvals, the policy 3"),
+    ({"deadline_s": 3600}, "the policy allows 30s"),
+    ({"destructive": False}, "marked non-destructive"),
+])
+async def test_a_stolen_proposer_key_cannot_loosen_the_quorum_rule(
+        tmp_path: Path, nats_server: NatsServer, loosen: dict[str, Any], named: str) -> None:
+    """Mallory holds Otto's key and proposes the shipped apiserver-unreachable restart
+    with its rule loosened; every voter holds the rule against its own policy."""
+    config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "op", OPERATOR))
+    voters = tuple(n for n in NAMES if n != "otto")
+    agents = _agents(config, tmp_path, voters)
+    policy = config.policies["apiserver-unreachable"].value
+    remedy = policy.spec.remedies[0]
+    otto = Signer(_seed(config, "otto"))
+    conn = await _client(nats_server.url)
+    votes: list[dict[str, Any]] = []
+
+    async def on_vote(msg: Msg) -> None:
+        votes.append(json.loads(msg.data))
+
+    await conn.subscribe("zeta.repair.*.vote.*", on_vote)
+    repair = ids.new_id()
+    now = datetime.now(UTC)
+    rule = {"approvals": 3, "veto": ("riven",), "deadline": now + timedelta(seconds=30)}
+    if "deadline_s" in loosen:
+        rule["deadline"] = now + timedelta(seconds=loosen["deadline_s"])
+    rule.update({k: v for k, v in loosen.items() if k in ("veto", "approvals")})
+    proposal = Proposal(
+        action=remedy.action, target=Target(kind="unit", name="k3s.service", host="otto"),
+        params=remedy.typed_params().model_dump(mode="json"), policy=policy.name,
+        policy_digest=policy_digest(policy), step=0,
+        destructive=loosen.get("destructive", True), quorum=QuorumRule.model_validate(rule),
+        summary="apiserver unreachable")
+    published = False
+
+    async def publish_once() -> None:
+        nonlocal published
+        if not published and all(a.coordinator and a.coordinator.refusal() is None
+                                 for a in agents.values()):
+            published = True
+            envelope = seal("proposal", sender="otto", host="evil", body=proposal,
+                            signer=otto, repair=repair)
+            await conn.publish(subject_for(envelope), envelope)
+
+    def answered() -> bool:
+        asyncio.ensure_future(publish_once())  # noqa: RUF006 (awaited through the poll)
+        return len(votes) >= len(voters)
+
+    try:
+        await _run(agents, answered)
+    finally:
+        await conn.close()
+    assert {v["from"] for v in votes} == set(voters)
+    for vote in votes:
+        assert vote["body"]["verdict"] in ("reject", "block"), vote["body"]
+        assert "quorum rule looser" in vote["body"]["reason"], vote["body"]["reason"]
+        assert named in vote["body"]["reason"], vote["body"]["reason"]
+        assert vote["body"]["required"] == {"approvals": 3, "veto": ["riven"],
+                                            "deadline": 30.0, "destructive": True}
+
+
+# ---------------------------------------------------------------- 2. the freeze survives
+
+
+async def _store(url: str, subject: str, data: bytes) -> None:
+    conn = await _client(url)
+    try:
+        await conn.js.publish(subject, data)
+    finally:
+        await conn.close()
+
+
+async def test_a_freeze_survives_junk_and_a_replayed_old_thaw_across_a_restart(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    operator = write_seed(tmp_path / "op", OPERATOR)
+    signer = Signer((tmp_path / "op" / OPERATOR / SEED_FILE).read_bytes())
+    config = _config(tmp_path, nats_server.url, operator)
+    now = datetime.now(UTC)
+    old_thaw = seal("control", sender=OPERATOR, host="h", signer=signer,
+                    body=Control(verb="thaw", reason="done"), at=now - timedelta(hours=1))
+    freeze = seal("control", sender=OPERATOR, host="h", signer=signer,
+                  body=Control(verb="freeze", reason="change window"), at=now)
+    await _store(nats_server.url, subjects.control("thaw"), old_thaw.to_bytes())
+    await _store(nats_server.url, subjects.control("freeze"), freeze.to_bytes())
+    # After the freeze in stream order: junk on the freeze subject, the old thaw again.
+    await _store(nats_server.url, subjects.control("freeze"), b"{not json")
+    await _store(nats_server.url, subjects.control("thaw"), old_thaw.to_bytes())
+    agents = _agents(config, tmp_path, ("riven",))
+    riven = agents["riven"].coordinator
+    assert riven is not None
+    await _run(agents, lambda: riven.listening_since is not None and riven.frozen is not None)
+    assert riven.frozen is not None
+    assert riven.frozen.reason == "change window"
+
+
+async def test_a_freeze_by_an_operator_since_rotated_still_holds(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    write_seed(tmp_path / "old", OPERATOR)
+    signer = Signer((tmp_path / "old" / OPERATOR / SEED_FILE).read_bytes())
+    freeze = seal("control", sender=OPERATOR, host="h", signer=signer,
+                  body=Control(verb="freeze", reason="disk replacement"))
+    await _store(nats_server.url, subjects.control("freeze"), freeze.to_bytes())
+    # The operator's key is rotated in fleet.yaml: the old freeze no longer verifies.
+    config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "new", OPERATOR))
+    agents = _agents(config, tmp_path, ("vera",))
+    vera = agents["vera"].coordinator
+    assert vera is not None
+    await _run(agents, lambda: vera.frozen is not None)
+    assert vera.frozen is not None
+    assert "unverifiable freeze (wrong-key): disk replacement" in vera.frozen.reason
+
+
+def test_the_freeze_state_moves_only_to_a_newer_control() -> None:
+    t0 = datetime(2026, 12, 2, tzinfo=UTC)
+    frozen = FreezeState(Control(verb="freeze", reason="r"), t0, "b")
+    older_thaw = FreezeState(None, t0 - timedelta(seconds=1), "z")
+    same_time_lower_id = FreezeState(None, t0, "a")
+    newer_thaw = FreezeState(None, t0 + timedelta(seconds=1), "a")
+    assert frozen.after(older_thaw) is frozen
+    assert frozen.after(same_time_lower_id) is frozen
+    assert frozen.after(None) is frozen
+    assert frozen.after(newer_thaw) is newer_thaw
+
+
+# ---------------------------------------------------------------- 3. weakened resources
+
+
+async def test_a_lease_bucket_with_a_short_ttl_stops_destructive_work(
+        tmp_path: Path, bare_nats_server: NatsServer) -> None:
+    """With a 2 s bucket TTL a 30-minute lease vanished and a second executor took the
+    target: the agents now refuse, naming the setting."""
+    conn = await _client(bare_nats_server.url)
+    try:
+        await conn.js.add_stream(stream_config(Settings()))
+        await conn.js.add_stream(replace(bucket_config(Settings()), max_age=2.0,
+                                         duplicate_window=2.0))
+    finally:
+        await conn.close()
+    config = _config(tmp_path, bare_nats_server.url, write_seed(tmp_path / "op", OPERATOR))
+    agents = _agents(config, tmp_path, ("otto",))
+    otto = agents["otto"].coordinator
+    assert otto is not None
+    refusals: list[str] = []
+    await _run(agents, lambda: bool(otto.problems) and refusals.append(
+        otto.refusal() or "") is None)
+    assert "KV_zeta_leases max_age is 2.0, expected 1800.0s" in refusals[0], refusals
+
+
+async def test_agents_never_create_the_resources(tmp_path: Path,
+                                                 bare_nats_server: NatsServer) -> None:
+    config = _config(tmp_path, bare_nats_server.url, write_seed(tmp_path / "op", OPERATOR))
+    agents = _agents(config, tmp_path, ("otto",))
+    otto = agents["otto"].coordinator
+    assert otto is not None
+    refusals: list[str] = []
+    await _run(agents, lambda: bool(otto.problems) and refusals.append(
+        otto.refusal() or "") is None)
+    assert "ZETA_AUDIT does not exist: an operator creates it with `zeta-agent bus init`" in (
+        refusals[0])
+    conn = await _client(bare_nats_server.url)
+    try:
+        assert (await conn.js.account_info()).streams == 0
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------- 4. malformed input
+
+
+def _signed(kind: str, sender: str, signer: Signer, body: object, *, at: str,
+            repair: str | None = None) -> bytes:
+    """An envelope around an arbitrary body, correctly signed: what a key holder can send."""
+    obj: dict[str, Any] = {"v": 1, "kind": kind, "id": ids.new_id(), "from": sender,
+                           "host": "h", "at": at, "repair": repair, "body": body,
+                           "key": signer.public_key}
+    obj["sig"] = base64.urlsafe_b64encode(signer.sign(canonical(obj))).rstrip(b"=").decode()
+    return json.dumps(obj).encode()
+
+
+async def test_naive_timestamps_and_malformed_leases_stop_no_tick(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "op", OPERATOR))
+    agents = _agents(config, tmp_path, ("otto", "alexa"))
+    alexa = Signer(_seed(config, "alexa"))
+    naive = datetime.now(UTC).replace(tzinfo=None).isoformat()
+    heartbeat = Heartbeat(pid=1, version="x", tick=1, status="ok", bus="connected",
+                          kubernetes="observed", scopes_digest="s", policies_digest="p")
+    conn = await _client(nats_server.url)
+    kv = await conn.js.key_value(LEASES_BUCKET)
+    await kv.put("node.worker-1", b'{"repair": 1, "executor": "x"}')
+    data = _signed("heartbeat", "alexa", alexa, heartbeat.model_dump(mode="json"), at=naive)
+    otto = agents["otto"].coordinator
+    assert otto is not None
+    try:
+        def after_some_ticks() -> bool:
+            if otto.connected:
+                asyncio.ensure_future(conn.nc.publish(subjects.heartbeat("alexa"), data))  # noqa: RUF006
+            return all(a.ticks >= 6 for a in agents.values())
+
+        await _run(agents, after_some_ticks, within=30)
+        [lease] = await leases.all_leases(kv)  # what the lease observer reads
+    finally:
+        await conn.close()
+    assert otto.verifier.dropped["malformed"] >= 1
+    assert all(a.errors == 0 for a in agents.values()), "no tick may fail on a peer's input"
+    assert (lease.target, lease.repair) == ("node.worker-1", "(malformed)")
+    assert lease.problem.startswith("repair:"), lease.problem
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+SIGNER = Signer(generate_user_seed())
+
+
+def _body_for(kind: str) -> st.SearchStrategy[object]:
+    """Hostile bodies: arbitrary JSON, and each field of the kind's model with
+    arbitrary JSON in it (so a well-shaped body with one bad field is tried too)."""
+    fields = BODIES[kind].model_fields
+    return JSON | st.fixed_dictionaries({}, optional={name: JSON for name in fields}) | (
+        st.fixed_dictionaries({name: JSON for name in fields}))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(kind=st.sampled_from(sorted(BODIES)), data=st.data(),
+       at=st.sampled_from(["2026-12-02T10:00:00", "2026-12-02T10:00:00Z", "x", "9999-1-1"]))
+def test_a_well_signed_hostile_body_never_raises_in_any_handler(
+        kind: str, data: st.DataObject, at: str) -> None:
+    body = data.draw(_body_for(kind))
+    sender = "oncall" if kind == "control" else "alexa"
+    repair = ids.new_id()
+    route = {"heartbeat": subjects.heartbeat(sender), "finding": subjects.finding(sender),
+             "proposal": subjects.proposed(repair), "vote": subjects.vote(repair, sender),
+             "decision": subjects.decided(repair), "started": subjects.started(repair),
+             "result": subjects.result(repair), "control": subjects.control("freeze")}[kind]
+    verifier = Verifier(keys={"alexa": SIGNER.public_key},
+                        operators={"oncall": SIGNER.public_key}, freshness=timedelta(days=1e5))
+    outcome = verifier.check(route, _signed(kind, sender, SIGNER, body, at=at,
+                                            repair=None if kind in ("heartbeat", "finding",
+                                                                    "control") else repair))
+    if not isinstance(outcome, Accepted):
+        return
+    env, accepted = outcome.envelope, outcome.body
+    describe(env, accepted)
+    if isinstance(accepted, Vote):
+        rule = Rule("otto", 2, frozenset({"riven"}), datetime.now(UTC))
+        tally(rule, [Ballot(env.id, env.sender, accepted.verdict, env.at)], {"alexa"},
+              datetime.now(UTC))
+    if isinstance(accepted, Control):
+        FreezeState().after(FreezeState(accepted, env.at, env.id))
+
+
+# ---------------------------------------------------------------- 5. flooding a voter
+
+
+def test_a_proposer_is_assessed_at_a_bounded_rate() -> None:
+    at_once = _Allowance(at=0.0)
+    assert [at_once.take(0.0) is None for _ in range(ASSESS_IN_FLIGHT + 1)] == [
+        *([True] * ASSESS_IN_FLIGHT), False], "a bounded number at once"
+    allowance = _Allowance(at=0.0)
+    for _ in range(ASSESS_BURST):
+        allowance.running = 0
+        assert allowance.take(0.0) is None
+    allowance.running = 0
+    assert allowance.take(0.0) is not None, "the burst is spent"
+    assert allowance.take(10.0) is None, "and refills with time"
