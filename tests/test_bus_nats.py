@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from nats.js.api import RetentionPolicy, StorageType
@@ -91,7 +92,7 @@ WEAKENED = [
 @pytest.mark.parametrize(("stream", "change", "setting"), WEAKENED,
                          ids=[f"{s}-{n}" for s, _, n in WEAKENED])
 async def test_a_weakened_resource_is_reported_by_name(conn: Connection, stream: str,
-                                                       change: dict[str, object],
+                                                       change: dict[str, Any],
                                                        setting: str) -> None:
     """Made weaker before the agents came (as `nats stream add` or `nats kv add` would):
     every weakened setting is a named difference, and nothing is changed by checking."""

@@ -371,9 +371,11 @@ async def test_only_an_executor_writes_leases(bus: Bus) -> None:
     kv_otto = await otto.js.key_value(LEASES_BUCKET)
     ttl = timedelta(minutes=5)
     with pytest.raises(NatsError):
-        await leases.acquire(kv_alexa, "node.worker-1", repair=ids.new_id(), executor="alexa", ttl=ttl)
+        await leases.acquire(kv_alexa, "node.worker-1", repair=ids.new_id(), executor="alexa",
+                             ttl=ttl)
     await bus.refused("alexa", f"$KV.{LEASES_BUCKET}.node.worker-1")
-    lease = await leases.acquire(kv_otto, "node.worker-1", repair=ids.new_id(), executor="otto", ttl=ttl)
+    lease = await leases.acquire(kv_otto, "node.worker-1", repair=ids.new_id(),
+                                 executor="otto", ttl=ttl)
     assert lease.token == 1, "the refused create stored nothing"
     # A voter reads leases (it checks them before approving), but cannot release one.
     assert await leases.holder(kv_alexa, "node.worker-1") == lease

@@ -233,9 +233,13 @@ async def test_a_lease_bucket_with_a_short_ttl_stops_destructive_work(
     otto = agents["otto"].coordinator
     assert otto is not None
     refusals: list[str] = []
-    await _run(agents, lambda: bool(otto.problems) and refusals.append(
-        otto.refusal() or "") is None)
-    assert "KV_zeta_leases max_age is 2.0, expected 1800.0s" in refusals[0], refusals
+
+    def refused() -> bool:  # read while it runs: once stopped, the bus is "down"
+        refusals.append(otto.refusal() or "")
+        return bool(otto.problems)
+
+    await _run(agents, refused)
+    assert "KV_zeta_leases max_age is 2.0, expected 1800.0s" in refusals[-1], refusals
 
 
 async def test_agents_never_create_the_resources(tmp_path: Path,
@@ -245,10 +249,14 @@ async def test_agents_never_create_the_resources(tmp_path: Path,
     otto = agents["otto"].coordinator
     assert otto is not None
     refusals: list[str] = []
-    await _run(agents, lambda: bool(otto.problems) and refusals.append(
-        otto.refusal() or "") is None)
+
+    def refused() -> bool:  # read while it runs: once stopped, the bus is "down"
+        refusals.append(otto.refusal() or "")
+        return bool(otto.problems)
+
+    await _run(agents, refused)
     assert "ZETA_AUDIT does not exist: an operator creates it with `zeta-agent bus init`" in (
-        refusals[0])
+        refusals[-1])
     conn = await _client(bare_nats_server.url)
     try:
         assert (await conn.js.account_info()).streams == 0
