@@ -262,6 +262,9 @@ SKIP: dict[str, str] = {
     "python3 -m venv /opt/zeta-agent": "an installation into a new virtualenv; the next "
         "line downloads from PyPI, and `make test` installs this package into .venv",
     "/opt/zeta-agent/bin/pip install 'zeta-agent[bus]'": "downloads from PyPI",
+    "zeta-agent bus init --operator oncall": "needs the operator's seed on a real fleet's "
+        "bus; tests/test_e2e_systemd.py runs it in a booted Debian root, and "
+        "tests/test_operator_cli.py runs `bus init` and `bus check` against a real server",
     "systemd-tmpfiles --create zeta-agent.conf": "creates /etc/zeta on the real host (root)",
     "systemd-sysusers": "creates system users on the real host (root); "
         "tests/test_e2e_systemd.py runs it in a booted Debian root",

@@ -236,6 +236,8 @@ def set_up(box: Container, plane: ControlPlane, binaries: Binaries, staging: Pat
     box.systemctl("daemon-reload")
     box.systemctl("enable", "--now", "zeta-bus.service")
     box.wait_running("zeta-bus.service", timeout=30)
+    # 8. The operator makes the audit stream and lease bucket, once: agents only check them.
+    host.zeta("bus", "init", "--operator", OPERATOR, "--timeout", "30")
     box.systemctl("start", "k3s.service", timeout=120)
     host.api_up(API_BACK_TIMEOUT)
     progress(f"host set up in {time.monotonic() - started:.0f}s: bus on "

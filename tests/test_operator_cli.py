@@ -21,6 +21,7 @@ from bus import subjects
 from bus.connection import Connection
 from bus.envelope import Accepted, Verifier
 from bus.jetstream import AUDIT_STREAM
+from bus.keys import generate_user_seed
 from bus.messages import Control
 from runtime.cli import main
 from runtime.credentials import SEED_FILE
@@ -216,3 +217,18 @@ async def test_a_bus_that_does_not_know_the_operator_refuses_it(
     assert code == 1
     assert "cannot reach the bus" in captured.err
     assert "Authorization Violation" in captured.err, "the reason is in the logged attempts"
+
+
+def test_bus_init_is_the_operators_and_bus_check_tells_what_differs(
+        fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    """Agents only check the resources: an operator makes them, with the operator's key
+    on a bus enforcing the rendered permissions; a persona's key cannot."""
+    bus = ["--bus", fleet.server.url, "--config-dir", str(fleet.config_dir), "--timeout", "3"]
+    assert main(["bus", "check", "--operator", OPERATOR, *bus]) == 1
+    assert "ZETA_AUDIT does not exist" in capsys.readouterr().out
+    stranger = fleet.credentials / "stranger.seed"
+    stranger.write_bytes(generate_user_seed())
+    assert main(["bus", "init", "--seed", str(stranger), *bus]) == 2, "an unknown key: nowhere"
+    assert main(["bus", "init", "--operator", OPERATOR, *bus]) == 0
+    assert main(["bus", "check", "--operator", OPERATOR, *bus]) == 0
+    assert "as fleet.yaml says" in capsys.readouterr().err

@@ -343,6 +343,12 @@ async def agents(network: Network, cluster: NatsCluster,
                    fleet_spec={"apiservers": ["https://127.0.0.1:6443"],
                                "bus": {"urls": [URL], "auditReplicas": 3},
                                "quorum": QUORUM})
+    # The operator makes the R3 audit stream and lease bucket once, from one host.
+    first = next(iter(network.hosts.values()))
+    await asyncio.to_thread(
+        subprocess.run, first.command([sys.executable, "-m", "runtime", "bus", "init",
+                                       "--config-dir", str(config_dir), "--timeout", "60"]),
+        cwd=REPO, check=True, timeout=90, capture_output=True)
     started: dict[str, AgentProcess] = {}
     try:
         for name, personas in HOSTS.items():
