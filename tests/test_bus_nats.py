@@ -200,3 +200,24 @@ async def test_too_few_approvals_rejects(server: NatsServer,
                           connections)
     _, result = await ps[0].propose(_proposal(approvals=3))
     assert result.outcome == "rejected"
+
+
+async def test_the_fence_compares_the_lease_not_only_its_revision(conn: Connection) -> None:
+    """A bucket made again counts revisions from 1: another repair's lease then carries
+    the same revision as ours, and the fencing check must still fail."""
+    await ensure(conn.js, Settings())
+    kv = await conn.js.key_value(LEASES_BUCKET)
+    ours = await leases.acquire(kv, "node.worker-1", repair=new_id(), executor="otto",
+                                ttl=timedelta(minutes=5))
+    await conn.js.delete_stream(f"KV_{LEASES_BUCKET}")
+    await ensure(conn.js, Settings())
+    kv = await conn.js.key_value(LEASES_BUCKET)
+    theirs = await leases.acquire(kv, "node.worker-1", repair=new_id(), executor="vera",
+                                  ttl=timedelta(minutes=5))
+    assert theirs.token == ours.token
+    assert not await leases.still_held(kv, ours)
+    assert await leases.still_held(kv, theirs)
+    await kv.put("node.worker-2", b"not json")
+    [_, junk] = sorted(await leases.all_leases(kv), key=lambda lease: lease.target)
+    assert junk.problem
+    assert junk.repair == leases.MALFORMED

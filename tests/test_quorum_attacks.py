@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,7 +27,16 @@ from bus.connection import Connection, subject_for
 from bus.envelope import Accepted, Verifier, canonical, seal
 from bus.jetstream import LEASES_BUCKET, Settings, bucket_config, stream_config
 from bus.keys import Signer, generate_user_seed
-from bus.messages import BODIES, Control, Heartbeat, Proposal, QuorumRule, Target, Vote
+from bus.messages import (
+    BODIES,
+    Control,
+    Decision,
+    Heartbeat,
+    Proposal,
+    QuorumRule,
+    Target,
+    Vote,
+)
 from bus.protocol import ASSESS_BURST, ASSESS_IN_FLIGHT, _Allowance
 from bus.quorum import Ballot, Rule, tally
 from runtime.agent import Agent, build
@@ -367,3 +377,33 @@ def test_a_proposer_is_assessed_at_a_bounded_rate() -> None:
     allowance.running = 0
     assert allowance.take(0.0) is not None, "the burst is spent"
     assert allowance.take(10.0) is None, "and refills with time"
+
+
+async def test_budgets_count_only_decisions_signed_by_the_verified_proposer(
+        tmp_path: Path) -> None:
+    config = _config(tmp_path, "nats://127.0.0.1:1", write_seed(tmp_path / "op", OPERATOR))
+    vera = build(config, "vera", state_dir=tmp_path / "state", environ={}, host="vera")
+    coordinator = vera.coordinator
+    assert coordinator is not None
+    policy = config.policies["apiserver-unreachable"].value
+    repair = ids.new_id()
+    proposal = Proposal(
+        action="host.unit.restart", target=Target(kind="unit", name="k3s.service", host="otto"),
+        params={"unit": "k3s.service"}, policy=policy.name, policy_digest="d", step=0,
+        destructive=True, summary="s",
+        quorum=QuorumRule(approvals=3, veto=("riven",), deadline=datetime.now(UTC)))
+    proposed = seal("proposal", sender="otto", host="h", body=proposal,
+                    signer=Signer(_seed(config, "otto")), repair=repair)
+    coordinator._note_proposal(proposed, proposal)  # what the protocol does once verified
+    approved = Decision(outcome="approved", reason="3/3")
+
+    async def decided(by: str) -> None:
+        envelope = seal("decision", sender=by, host="h", body=approved,
+                        signer=Signer(_seed(config, by)), repair=repair)
+        await coordinator._on_decided(SimpleNamespace(  # type: ignore[arg-type]
+            subject=subjects.decided(repair), data=envelope.to_bytes()))
+
+    await decided("lior")  # a decision by someone who did not propose it
+    assert coordinator._approved_last_hour(policy.name, datetime.now(UTC)) == 0
+    await decided("otto")
+    assert coordinator._approved_last_hour(policy.name, datetime.now(UTC)) == 1
