@@ -492,9 +492,14 @@ def _think_parser(commands: Commands) -> None:
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _bus_options(parser: argparse.ArgumentParser) -> None:
+def _bus_url_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bus", action="append", metavar="URL",
-                        help="NATS URL, repeatable (default: the fleet's bus.urls)")
+                        help="NATS URL, repeatable (default: $ZETA_NATS_URL, else the "
+                             "fleet's bus.urls)")
+
+
+def _bus_options(parser: argparse.ArgumentParser) -> None:
+    _bus_url_option(parser)
     parser.add_argument("--seed", type=Path, metavar="FILE",
                         help="an nkey seed to connect with, e.g. a watcher's (default: none)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -614,9 +619,7 @@ def _bus_parsers(commands: Commands) -> None:
         command.add_argument("--seed", type=Path, metavar="FILE",
                              help="authenticate with this nkey seed")
         _config_dir_option(command)
-        command.add_argument("--bus", action="append", metavar="URL",
-                             help="NATS URL, repeatable (default: $ZETA_NATS_URL, else the "
-                                  "fleet's bus.urls)")
+        _bus_url_option(command)
         command.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                              help="give up after this long (default: 10)")
         command.set_defaults(handler=_bus_resources)
@@ -642,9 +645,7 @@ def _control_parsers(commands: Commands) -> None:
                              help="the operator's nkey seed "
                                   "(default: <credentialsDir>/NAME/nkey.seed)")
         _config_dir_option(command)
-        command.add_argument("--bus", action="append", metavar="URL",
-                             help="NATS URL, repeatable (default: $ZETA_NATS_URL, else the "
-                                  "fleet's bus.urls)")
+        _bus_url_option(command)
         command.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                              help="give up reaching the bus after this long (default: 5)")
         command.set_defaults(handler=_control, verb=verb)

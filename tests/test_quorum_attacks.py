@@ -227,6 +227,22 @@ def test_the_freeze_state_moves_only_to_a_newer_control() -> None:
 # ---------------------------------------------------------------- 3. weakened resources
 
 
+async def _refusal_of_otto(tmp_path: Path, url: str) -> str:
+    """Why Otto refuses destructive work once it has checked the bus resources."""
+    config = _config(tmp_path, url, write_seed(tmp_path / "op", OPERATOR))
+    agents = _agents(config, tmp_path, ("otto",))
+    otto = agents["otto"].coordinator
+    assert otto is not None
+    refusals: list[str] = []
+
+    def refused() -> bool:  # read while it runs: once stopped, the bus is "down"
+        refusals.append(otto.refusal() or "")
+        return bool(otto.problems)
+
+    await _run(agents, refused)
+    return refusals[-1]
+
+
 async def test_a_lease_bucket_with_a_short_ttl_stops_destructive_work(
         tmp_path: Path, bare_nats_server: NatsServer) -> None:
     """With a 2 s bucket TTL a 30-minute lease vanished and a second executor took the
@@ -238,35 +254,15 @@ async def test_a_lease_bucket_with_a_short_ttl_stops_destructive_work(
                                          duplicate_window=2.0))
     finally:
         await conn.close()
-    config = _config(tmp_path, bare_nats_server.url, write_seed(tmp_path / "op", OPERATOR))
-    agents = _agents(config, tmp_path, ("otto",))
-    otto = agents["otto"].coordinator
-    assert otto is not None
-    refusals: list[str] = []
-
-    def refused() -> bool:  # read while it runs: once stopped, the bus is "down"
-        refusals.append(otto.refusal() or "")
-        return bool(otto.problems)
-
-    await _run(agents, refused)
-    assert "KV_zeta_leases max_age is 2.0, expected 1800.0s" in refusals[-1], refusals
+    refusal = await _refusal_of_otto(tmp_path, bare_nats_server.url)
+    assert "KV_zeta_leases max_age is 2.0, expected 1800.0s" in refusal, refusal
 
 
 async def test_agents_never_create_the_resources(tmp_path: Path,
                                                  bare_nats_server: NatsServer) -> None:
-    config = _config(tmp_path, bare_nats_server.url, write_seed(tmp_path / "op", OPERATOR))
-    agents = _agents(config, tmp_path, ("otto",))
-    otto = agents["otto"].coordinator
-    assert otto is not None
-    refusals: list[str] = []
-
-    def refused() -> bool:  # read while it runs: once stopped, the bus is "down"
-        refusals.append(otto.refusal() or "")
-        return bool(otto.problems)
-
-    await _run(agents, refused)
+    refusal = await _refusal_of_otto(tmp_path, bare_nats_server.url)
     assert "ZETA_AUDIT does not exist: an operator creates it with `zeta-agent bus init`" in (
-        refusals[-1])
+        refusal)
     conn = await _client(bare_nats_server.url)
     try:
         assert (await conn.js.account_info()).streams == 0
