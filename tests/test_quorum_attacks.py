@@ -43,7 +43,7 @@ from runtime.agent import Agent, build
 from runtime.coordinating import FreezeState
 from runtime.credentials import SEED_FILE, write_seed
 from runtime.engine import policy_digest
-from runtime.fleet import prepare_config
+from runtime.fleet import prepare_config, start_agent, stop_agents, wait_until
 from runtime.loading import ConfigSet, config_paths, load
 from runtime.natsserver import NatsServer
 from runtime.watching import describe
@@ -98,12 +98,42 @@ async def _client(url: str) -> Connection:
 # ---------------------------------------------------------------- 1. a proposer's own rule
 
 
-@pytest.mark.parametrize(("loosen", "named"), [
+def _loose_proposal(config: ConfigSet, loosen: dict[str, Any]) -> Proposal:
+    """The shipped apiserver-unreachable restart, its quorum rule loosened by ``loosen``."""
+    policy = config.policies["apiserver-unreachable"].value
+    remedy = policy.spec.remedies[0]
+    now = datetime.now(UTC)
+    rule: dict[str, Any] = {"approvals": 3, "veto": ("riven",),
+                            "deadline": now + timedelta(seconds=30)}
+    if "deadline_s" in loosen:
+        rule["deadline"] = now + timedelta(seconds=loosen["deadline_s"])
+    rule.update({k: v for k, v in loosen.items() if k in ("veto", "approvals")})
+    return Proposal(
+        action=remedy.action, target=Target(kind="unit", name="k3s.service", host="otto"),
+        params=remedy.typed_params().model_dump(mode="json"), policy=policy.name,
+        policy_digest=policy_digest(policy), step=0,
+        destructive=loosen.get("destructive", True), quorum=QuorumRule.model_validate(rule),
+        summary="apiserver unreachable")
+
+
+LOOSENED: list[tuple[dict[str, Any], str]] = [
     ({"veto": ()}, "drops the veto of riven"),
     ({"approvals": 1}, "asks 1 approvals, the policy 3"),
     ({"deadline_s": 3600}, "the policy allows 30s"),
     ({"destructive": False}, "marked non-destructive"),
-])
+]
+
+
+def _all_reject(votes: list[dict[str, Any]], named: str) -> None:
+    for vote in votes:
+        assert vote["body"]["verdict"] in ("reject", "block"), vote["body"]
+        assert "quorum rule looser" in vote["body"]["reason"], vote["body"]["reason"]
+        assert named in vote["body"]["reason"], vote["body"]["reason"]
+        assert vote["body"]["required"] == {"approvals": 3, "veto": ["riven"],
+                                            "deadline": 30.0, "destructive": True}
+
+
+@pytest.mark.parametrize(("loosen", "named"), LOOSENED)
 async def test_a_stolen_proposer_key_cannot_loosen_the_quorum_rule(
         tmp_path: Path, nats_server: NatsServer, loosen: dict[str, Any], named: str) -> None:
     """Mallory holds Otto's key and proposes the shipped apiserver-unreachable restart
@@ -111,8 +141,6 @@ async def test_a_stolen_proposer_key_cannot_loosen_the_quorum_rule(
     config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "op", OPERATOR))
     voters = tuple(n for n in NAMES if n != "otto")
     agents = _agents(config, tmp_path, voters)
-    policy = config.policies["apiserver-unreachable"].value
-    remedy = policy.spec.remedies[0]
     otto = Signer(_seed(config, "otto"))
     conn = await _client(nats_server.url)
     votes: list[dict[str, Any]] = []
@@ -122,17 +150,7 @@ async def test_a_stolen_proposer_key_cannot_loosen_the_quorum_rule(
 
     await conn.subscribe("zeta.repair.*.vote.*", on_vote)
     repair = ids.new_id()
-    now = datetime.now(UTC)
-    rule = {"approvals": 3, "veto": ("riven",), "deadline": now + timedelta(seconds=30)}
-    if "deadline_s" in loosen:
-        rule["deadline"] = now + timedelta(seconds=loosen["deadline_s"])
-    rule.update({k: v for k, v in loosen.items() if k in ("veto", "approvals")})
-    proposal = Proposal(
-        action=remedy.action, target=Target(kind="unit", name="k3s.service", host="otto"),
-        params=remedy.typed_params().model_dump(mode="json"), policy=policy.name,
-        policy_digest=policy_digest(policy), step=0,
-        destructive=loosen.get("destructive", True), quorum=QuorumRule.model_validate(rule),
-        summary="apiserver unreachable")
+    proposal = _loose_proposal(config, loosen)
     published = False
 
     async def publish_once() -> None:
@@ -153,12 +171,43 @@ async def test_a_stolen_proposer_key_cannot_loosen_the_quorum_rule(
     finally:
         await conn.close()
     assert {v["from"] for v in votes} == set(voters)
-    for vote in votes:
-        assert vote["body"]["verdict"] in ("reject", "block"), vote["body"]
-        assert "quorum rule looser" in vote["body"]["reason"], vote["body"]["reason"]
-        assert named in vote["body"]["reason"], vote["body"]["reason"]
-        assert vote["body"]["required"] == {"approvals": 3, "veto": ["riven"],
-                                            "deadline": 30.0, "destructive": True}
+    _all_reject(votes, named)
+
+
+async def test_agent_processes_reject_a_loosened_rule(tmp_path: Path,
+                                                     nats_server: NatsServer) -> None:
+    """The same attack on the shipped entry point: four voters as `python -m runtime run`."""
+    config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "op", OPERATOR))
+    voters = tuple(n for n in NAMES if n != "otto")
+    config_dir = Path(config.fleet.spec.credentialsDir).parent
+    processes = {n: start_agent(config_dir, n, tmp_path / "run") for n in voters}
+    conn = await _client(nats_server.url)
+    seen: list[dict[str, Any]] = []
+
+    async def on_message(msg: Msg) -> None:
+        seen.append({"subject": msg.subject, **json.loads(msg.data)})
+
+    await conn.subscribe("zeta.>", on_message)
+    try:
+        await wait_until(lambda: {m["from"] for m in seen
+                                  if m["subject"].endswith(".heartbeat")} >= set(voters),
+                         60, "a heartbeat from every voter")
+        for loosen, named in LOOSENED:
+            repair = ids.new_id()
+            envelope = seal("proposal", sender="otto", host="evil",
+                            body=_loose_proposal(config, loosen),
+                            signer=Signer(_seed(config, "otto")), repair=repair)
+            await conn.publish(subject_for(envelope), envelope)
+            def all_voted(r: str = repair) -> list[dict[str, Any]] | None:
+                got = [m for m in seen if m.get("repair") == r and m["kind"] == "vote"]
+                return got if len(got) == len(voters) else None
+
+            votes = await wait_until(all_voted, 30, f"every vote on {loosen}")
+            _all_reject(votes, named)
+    finally:
+        await conn.close()
+        codes = await asyncio.to_thread(stop_agents, processes)
+    assert set(codes.values()) == {0}, codes
 
 
 # ---------------------------------------------------------------- 2. the freeze survives
