@@ -186,6 +186,10 @@ async def test_with_the_bus_down_destructive_work_is_refused_and_other_repairs_a
         assert entry["body"]["action"] == "host.unit.start"
         assert entry["body"]["outcome"] == "succeeded"
         server.start()
+        operator = Connection([server.url], name="operator", seed=None)
+        await operator.connect()
+        await ensure(operator.js, Settings())  # `zeta-agent bus init`, once the bus is up
+        await operator.close()
         async with asyncio.timeout(30):
             await _until(lambda: not journal.exists())
         audit = await _audit(server)
@@ -207,13 +211,13 @@ def test_an_agent_refuses_a_seed_that_is_not_its_own(tmp_path: Path) -> None:
 
 
 async def test_incompatible_bus_resources_refuse_destructive_work_and_say_which_setting(
-        tmp_path: Path, nats_server: NatsServer) -> None:
-    other = Connection([nats_server.url], name="another-fleet", seed=None)
+        tmp_path: Path, bare_nats_server: NatsServer) -> None:
+    other = Connection([bare_nats_server.url], name="another-fleet", seed=None)
     await other.connect()
     await ensure(other.js, Settings(max_age=timedelta(days=1)))  # not our 90 days
     await other.close()
     actuator = RecordingActuator(Outcome(ok=True))
-    agents = _fleet(tmp_path, nats_server.url, actuators={"host.unit.restart": actuator})
+    agents = _fleet(tmp_path, bare_nats_server.url, actuators={"host.unit.restart": actuator})
     otto = agents["otto"]
     assert otto.coordinator is not None
     refusals: list[str] = []
