@@ -362,12 +362,13 @@ async def test_naive_timestamps_and_malformed_leases_stop_no_tick(
     assert lease.problem.startswith("repair:"), lease.problem
 
 
+def _containers(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=12)
+    | st.text(max_size=20), _containers, max_leaves=12)
 SIGNER = Signer(generate_user_seed())
 
 
