@@ -25,7 +25,8 @@ TargetKind = Literal["node", "pod", "deployment", "statefulset", "daemonset", "u
 Time = AwareDatetime
 Name = Annotated[str, Field(pattern=PERSONA_NAME.pattern)]
 Short = Annotated[str, Field(max_length=253)]
-Text = Annotated[str, Field(max_length=4000)]
+TEXT_MAX = 4000
+Text = Annotated[str, Field(max_length=TEXT_MAX)]
 
 
 class Wire(BaseModel):

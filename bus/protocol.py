@@ -21,7 +21,7 @@ from bus import ids, subjects
 from bus.connection import BusUnavailableError, Connection, subject_for
 from bus.envelope import Accepted, Dropped, Envelope, Verifier, seal
 from bus.keys import Signer
-from bus.messages import Control, Decision, Kind, Proposal, Required, Verdict, Vote
+from bus.messages import TEXT_MAX, Control, Decision, Kind, Proposal, Required, Verdict, Vote
 from bus.quorum import Ballot, Rule, Tally, tally
 
 log = structlog.get_logger("bus.protocol")
@@ -221,7 +221,7 @@ class Protocol:
         except Exception as exc:  # a voter that cannot judge must say no, not crash
             log.exception("assessment failed", repair=repair)
             judgement = Judgement("reject", f"could not assess: {type(exc).__name__}: {exc}")
-        body = Vote(verdict=judgement.verdict, reason=judgement.reason[:4000],
+        body = Vote(verdict=judgement.verdict, reason=judgement.reason[:TEXT_MAX],
                     evidence=dict(judgement.evidence), observed_at=datetime.now(UTC),
                     policy_digest=proposal.policy_digest, rationale=judgement.rationale,
                     required=judgement.required)

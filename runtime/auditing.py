@@ -47,7 +47,7 @@ from bus.quorum import Ballot, Rule, counted_ballots, looser, strictest, tally
 from bus.reading import Stored, read_stream
 from runtime.catalog import UnknownActionError, lookup
 from runtime.config import DEFAULT_FLEET, Quorum, RepairPolicy
-from runtime.engine import policy_digest, required
+from runtime.engine import required_at
 from runtime.watching import describe
 
 _RAN = ("succeeded", "failed", "verified", "unverified", "compensated")
@@ -227,9 +227,9 @@ class _Audit:
         assert isinstance(terms, Proposal)
         known = [v.body.required for v in counted
                  if isinstance(v.body, Vote) and v.body.required is not None]
-        policy = self.policies.get(terms.policy)
-        if policy is not None and policy_digest(policy) == terms.policy_digest and (
-                mine := required(policy, terms.step, self.default_quorum)) is not None:
+        mine = required_at(self.policies.get(terms.policy), terms.policy_digest, terms.step,
+                           self.default_quorum)
+        if mine is not None:
             known.append(mine)
         demanded = strictest(known)
         if demanded is None:

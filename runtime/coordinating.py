@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.js.errors import BucketNotFoundError
 from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
@@ -38,7 +39,7 @@ from bus import leases, subjects
 from bus.connection import BusUnavailableError, Connection
 from bus.envelope import Accepted, Dropped, Envelope, Verifier, format_time
 from bus.ids import new_id
-from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, LEASES_STREAM, Settings, check
+from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, check
 from bus.journal import Journal
 from bus.keys import Signer
 from bus.messages import (
@@ -69,6 +70,7 @@ from runtime.engine import (
     StepFailed,
     policy_digest,
     required,
+    required_at,
 )
 from runtime.loading import ConfigSet
 from runtime.metrics import Metrics
@@ -279,8 +281,9 @@ class Coordinator:
         a resource weakened while the agents run must stop them too)."""
         try:
             problems = await check(self.connection.js, self._settings)
-            if self.kv is None and not any(p.startswith(LEASES_STREAM) for p in problems):
-                self.kv = await self.connection.js.key_value(LEASES_BUCKET)
+            if self.kv is None:
+                with contextlib.suppress(BucketNotFoundError):  # check() has said so
+                    self.kv = await self.connection.js.key_value(LEASES_BUCKET)
         except _BUS_ERRORS as exc:
             problems = [f"cannot check JetStream resources: {exc or type(exc).__name__}"]
         if problems != self.problems:
@@ -308,14 +311,11 @@ class Coordinator:
             log.warning("cannot read the freeze state; keeping what this agent holds",
                         error=str(exc) or type(exc).__name__)
             return
-        state = self._freeze
         for message in stored:
-            state = state.after(self._control_state(message))
-        if state != self._freeze:
-            self._freeze = state
-        if self.frozen is not None:
+            self._freeze = self._freeze.after(self._control_state(message))
+        if self.frozen is not None and self._freeze.at is not None:
             log.warning("fleet is frozen: destructive work refused", reason=self.frozen.reason,
-                        since=format_time(state.at) if state.at else None)
+                        since=format_time(self._freeze.at))
 
     def _control_state(self, message: Stored) -> FreezeState | None:
         """What one stored control says about the freeze, or None if it says nothing."""
@@ -578,9 +578,8 @@ class Coordinator:
         """
         verdict, reason, evidence = await self._judge(envelope, proposal)
         located = self.config.policies.get(proposal.policy)
-        terms = (required(located.value, proposal.step, self.config.fleet.spec.quorum)
-                 if located is not None and policy_digest(located.value) == proposal.policy_digest
-                 else None)
+        terms = required_at(located.value if located else None, proposal.policy_digest,
+                            proposal.step, self.config.fleet.spec.quorum)
         if verdict == "reject" and "veto" in self.persona.spec.duties:
             verdict = "block"
         self.metrics.vote(verdict)
@@ -698,10 +697,11 @@ class Coordinator:
             # meets (a delayed or replayed one) leaves the fleet frozen.
             newer = FreezeState(control if control.verb == "freeze" else None, envelope.at,
                                 envelope.id)
-            if self._freeze.after(newer) is not newer:
+            state = self._freeze.after(newer)
+            if state is not newer:
                 log.warning("operator control older than the freeze state: ignored",
                             verb=control.verb, at=format_time(envelope.at))
-            self._freeze = self._freeze.after(newer)
+            self._freeze = state
         elif control.policy is not None:
             self.engine.reset_breaker(control.policy, by=envelope.sender, at=envelope.at)
 

@@ -134,6 +134,15 @@ def required(policy: RepairPolicy, step: int, default: Quorum) -> Required | Non
                     deadline=quorum.deadline.total_seconds(), destructive=remedy.is_destructive)
 
 
+def required_at(policy: RepairPolicy | None, digest: str, step: int,
+                default: Quorum) -> Required | None:
+    """The terms ``policy`` demands for ``step`` if it is the policy at ``digest``; None
+    when it is unknown, at another digest, or has no such step."""
+    if policy is None or policy_digest(policy) != digest:
+        return None
+    return required(policy, step, default)
+
+
 # ---------------------------------------------------------------- what the engine says
 
 
