@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +26,7 @@ from nats.aio.msg import Msg
 
 from bus import ids, leases, subjects
 from bus.connection import Connection, subject_for
-from bus.envelope import Accepted, Verifier, canonical, seal
+from bus.envelope import Accepted, Envelope, Verifier, canonical, seal
 from bus.jetstream import LEASES_BUCKET, Settings, bucket_config, stream_config
 from bus.keys import Signer, generate_user_seed
 from bus.messages import (
@@ -37,13 +39,13 @@ from bus.messages import (
     Target,
     Vote,
 )
-from bus.protocol import ASSESS_BURST, ASSESS_IN_FLIGHT, _Allowance
+from bus.protocol import ASSESS_BURST, ASSESS_IN_FLIGHT, ASSESS_RATE, _Allowance
 from bus.quorum import Ballot, Rule, tally
 from runtime.agent import Agent, build
 from runtime.coordinating import FreezeState
 from runtime.credentials import SEED_FILE, write_seed
 from runtime.engine import policy_digest
-from runtime.fleet import prepare_config, start_agent, stop_agents, wait_until
+from runtime.fleet import AgentProcess, prepare_config, start_agent, stop_agents, wait_until
 from runtime.loading import ConfigSet, config_paths, load
 from runtime.natsserver import NatsServer
 from runtime.watching import describe
@@ -52,12 +54,14 @@ from tests.test_fleet_quorum import NAMES, _closed_port, _until
 
 pytestmark = pytest.mark.slow
 OPERATOR = "oncall"
+VOTERS = tuple(n for n in NAMES if n != "otto")
 
 
-def _config(tmp_path: Path, url: str, operator_key: str) -> ConfigSet:
+def _config(tmp_path: Path, url: str, operator_key: str, *,
+            tick: timedelta | None = None) -> ConfigSet:
     config_dir = tmp_path / "config"
     prepare_config(
-        REPO, config_dir, tick=None, nats_url=url, dry_run=True,
+        REPO, config_dir, tick=tick, nats_url=url, dry_run=True,
         policy_spec={"apiserver-unreachable": {"detect": {"kind": "apiserver-unreachable",
                                                           "minPaths": 2, "for": "0s"}}},
         fleet_spec={"apiservers": [f"https://127.0.0.1:{_closed_port()}"],
@@ -139,8 +143,7 @@ async def test_a_stolen_proposer_key_cannot_loosen_the_quorum_rule(
     """Mallory holds Otto's key and proposes the shipped apiserver-unreachable restart
     with its rule loosened; every voter holds the rule against its own policy."""
     config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "op", OPERATOR))
-    voters = tuple(n for n in NAMES if n != "otto")
-    agents = _agents(config, tmp_path, voters)
+    agents = _agents(config, tmp_path, VOTERS)
     otto = Signer(_seed(config, "otto"))
     conn = await _client(nats_server.url)
     votes: list[dict[str, Any]] = []
@@ -164,50 +167,78 @@ async def test_a_stolen_proposer_key_cannot_loosen_the_quorum_rule(
 
     def answered() -> bool:
         asyncio.ensure_future(publish_once())  # noqa: RUF006 (awaited through the poll)
-        return len(votes) >= len(voters)
+        return len(votes) >= len(VOTERS)
 
     try:
         await _run(agents, answered)
     finally:
         await conn.close()
-    assert {v["from"] for v in votes} == set(voters)
+    assert {v["from"] for v in votes} == set(VOTERS)
     _all_reject(votes, named)
+
+
+class Watched:
+    """Agent processes on a real bus and everything they publish on ``zeta.>``."""
+
+    def __init__(self, conn: Connection, processes: dict[str, AgentProcess]) -> None:
+        self.conn, self.processes = conn, processes
+        self.seen: list[dict[str, Any]] = []
+
+    def of(self, kind: str, **fields: str) -> list[dict[str, Any]]:
+        return [m for m in self.seen if m.get("kind") == kind
+                and all(m.get(k) == v for k, v in fields.items())]
+
+    def heartbeats(self, name: str) -> list[dict[str, Any]]:
+        return [m["body"] for m in self.of("heartbeat") if m["from"] == name]
+
+    async def heard_from_all(self) -> None:
+        await wait_until(lambda: all(self.heartbeats(n) for n in self.processes), 60,
+                         "a heartbeat from every agent")
+
+    async def votes_on(self, repair: str, voters: tuple[str, ...]) -> list[dict[str, Any]]:
+        def all_voted() -> list[dict[str, Any]] | None:
+            got = self.of("vote", repair=repair)
+            return got if len(got) == len(voters) else None
+        return await wait_until(all_voted, 30, f"a vote on {repair} from each of {voters}")
+
+    async def propose(self, config: ConfigSet, proposal: Proposal) -> str:
+        repair = ids.new_id()
+        envelope = seal("proposal", sender="otto", host="evil", body=proposal,
+                        signer=Signer(_seed(config, "otto")), repair=repair)
+        await self.conn.publish(subject_for(envelope), envelope)
+        return repair
+
+
+@asynccontextmanager
+async def _processes(config: ConfigSet, tmp_path: Path, url: str,
+                     names: tuple[str, ...]) -> AsyncIterator[Watched]:
+    """Start ``names`` as ``python -m runtime run``; on leaving, each must exit 0."""
+    config_dir = Path(config.fleet.spec.credentialsDir).parent
+    conn = await _client(url)
+    watched = Watched(conn, {n: start_agent(config_dir, n, tmp_path / "run") for n in names})
+
+    async def on_message(msg: Msg) -> None:
+        with contextlib.suppress(ValueError):
+            watched.seen.append({"subject": msg.subject, **json.loads(msg.data)})
+
+    try:
+        await conn.subscribe("zeta.>", on_message)
+        await watched.heard_from_all()
+        yield watched
+    finally:
+        await conn.close()
+        codes = await asyncio.to_thread(stop_agents, watched.processes)
+    assert set(codes.values()) == {0}, codes
 
 
 async def test_agent_processes_reject_a_loosened_rule(tmp_path: Path,
                                                      nats_server: NatsServer) -> None:
     """The same attack on the shipped entry point: four voters as `python -m runtime run`."""
     config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "op", OPERATOR))
-    voters = tuple(n for n in NAMES if n != "otto")
-    config_dir = Path(config.fleet.spec.credentialsDir).parent
-    processes = {n: start_agent(config_dir, n, tmp_path / "run") for n in voters}
-    conn = await _client(nats_server.url)
-    seen: list[dict[str, Any]] = []
-
-    async def on_message(msg: Msg) -> None:
-        seen.append({"subject": msg.subject, **json.loads(msg.data)})
-
-    await conn.subscribe("zeta.>", on_message)
-    try:
-        await wait_until(lambda: {m["from"] for m in seen
-                                  if m["subject"].endswith(".heartbeat")} >= set(voters),
-                         60, "a heartbeat from every voter")
+    async with _processes(config, tmp_path, nats_server.url, VOTERS) as fleet:
         for loosen, named in LOOSENED:
-            repair = ids.new_id()
-            envelope = seal("proposal", sender="otto", host="evil",
-                            body=_loose_proposal(config, loosen),
-                            signer=Signer(_seed(config, "otto")), repair=repair)
-            await conn.publish(subject_for(envelope), envelope)
-            def all_voted(r: str = repair) -> list[dict[str, Any]] | None:
-                got = [m for m in seen if m.get("repair") == r and m["kind"] == "vote"]
-                return got if len(got) == len(voters) else None
-
-            votes = await wait_until(all_voted, 30, f"every vote on {loosen}")
-            _all_reject(votes, named)
-    finally:
-        await conn.close()
-        codes = await asyncio.to_thread(stop_agents, processes)
-    assert set(codes.values()) == {0}, codes
+            repair = await fleet.propose(config, _loose_proposal(config, loosen))
+            _all_reject(await fleet.votes_on(repair, VOTERS), named)
 
 
 # ---------------------------------------------------------------- 2. the freeze survives
@@ -221,21 +252,27 @@ async def _store(url: str, subject: str, data: bytes) -> None:
         await conn.close()
 
 
-async def test_a_freeze_survives_junk_and_a_replayed_old_thaw_across_a_restart(
-        tmp_path: Path, nats_server: NatsServer) -> None:
+async def _frozen_then_spoiled(tmp_path: Path, url: str) -> tuple[ConfigSet, Envelope]:
+    """A stored freeze followed, in stream order, by junk on the freeze subject and an
+    hour-old genuine thaw: the config, and that old thaw for replaying again."""
     operator = write_seed(tmp_path / "op", OPERATOR)
     signer = Signer((tmp_path / "op" / OPERATOR / SEED_FILE).read_bytes())
-    config = _config(tmp_path, nats_server.url, operator)
     now = datetime.now(UTC)
     old_thaw = seal("control", sender=OPERATOR, host="h", signer=signer,
                     body=Control(verb="thaw", reason="done"), at=now - timedelta(hours=1))
     freeze = seal("control", sender=OPERATOR, host="h", signer=signer,
                   body=Control(verb="freeze", reason="change window"), at=now)
-    await _store(nats_server.url, subjects.control("thaw"), old_thaw.to_bytes())
-    await _store(nats_server.url, subjects.control("freeze"), freeze.to_bytes())
-    # After the freeze in stream order: junk on the freeze subject, the old thaw again.
-    await _store(nats_server.url, subjects.control("freeze"), b"{not json")
-    await _store(nats_server.url, subjects.control("thaw"), old_thaw.to_bytes())
+    for subject, data in [(subjects.control("thaw"), old_thaw.to_bytes()),
+                          (subjects.control("freeze"), freeze.to_bytes()),
+                          (subjects.control("freeze"), b"{not json"),
+                          (subjects.control("thaw"), old_thaw.to_bytes())]:
+        await _store(url, subject, data)
+    return _config(tmp_path, url, operator), old_thaw
+
+
+async def test_a_freeze_survives_junk_and_a_replayed_old_thaw_across_a_restart(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    config, _ = await _frozen_then_spoiled(tmp_path, nats_server.url)
     agents = _agents(config, tmp_path, ("riven",))
     riven = agents["riven"].coordinator
     assert riven is not None
@@ -259,6 +296,21 @@ async def test_a_freeze_by_an_operator_since_rotated_still_holds(
     await _run(agents, lambda: vera.frozen is not None)
     assert vera.frozen is not None
     assert "unverifiable freeze (wrong-key): disk replacement" in vera.frozen.reason
+
+
+async def test_agent_processes_stay_frozen_through_junk_and_replayed_thaws(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """The stored history ends, in stream order, with junk and an old genuine thaw; more
+    of both arrive while the voters run. They report frozen and reject a valid repair."""
+    config, old_thaw = await _frozen_then_spoiled(tmp_path, nats_server.url)
+    async with _processes(config, tmp_path, nats_server.url, VOTERS) as fleet:
+        assert all(fleet.heartbeats(n)[-1]["frozen"] for n in VOTERS)
+        await fleet.conn.js.publish(subjects.control("freeze"), b"junk")
+        await fleet.conn.js.publish(subjects.control("thaw"), old_thaw.to_bytes())
+        repair = await fleet.propose(config, _loose_proposal(config, {}))
+        votes = await fleet.votes_on(repair, VOTERS)
+        assert {v["body"]["reason"] for v in votes} == {"fleet frozen: change window"}
+        assert all(fleet.heartbeats(n)[-1]["frozen"] for n in VOTERS)
 
 
 def test_the_freeze_state_moves_only_to_a_newer_control() -> None:
@@ -305,6 +357,39 @@ async def test_a_lease_bucket_with_a_short_ttl_stops_destructive_work(
         await conn.close()
     refusal = await _refusal_of_otto(tmp_path, bare_nats_server.url)
     assert "KV_zeta_leases max_age is 2.0, expected 1800.0s" in refusal, refusal
+
+
+WEAKENED: list[tuple[str, Callable[[Settings], Any], str]] = [
+    ("lease", lambda s: replace(bucket_config(s), max_age=2.0, duplicate_window=2.0),
+     "KV_zeta_leases max_age is 2.0, expected 1800.0s"),
+    ("audit", lambda s: replace(stream_config(s), deny_purge=False, deny_delete=False),
+     "ZETA_AUDIT deny_delete is False, expected true: no message may be deleted"),
+]
+
+
+@pytest.mark.parametrize(("resource", "weaken", "named"), WEAKENED,
+                         ids=[w[0] for w in WEAKENED])
+async def test_agent_processes_refuse_weakened_resources(
+        tmp_path: Path, bare_nats_server: NatsServer, resource: str,
+        weaken: Callable[[Settings], Any], named: str) -> None:
+    """The whole fleet as processes on a bus whose lease bucket forgets, or whose audit
+    history can be purged: Otto finds the API server unreachable and proposes nothing,
+    naming the setting; every agent says so in its status."""
+    conn = await _client(bare_nats_server.url)
+    try:
+        settings = Settings()
+        kept = {"lease": stream_config(settings), "audit": bucket_config(settings)}[resource]
+        await conn.js.add_stream(kept)
+        await conn.js.add_stream(weaken(settings))
+    finally:
+        await conn.close()
+    config = _config(tmp_path, bare_nats_server.url, write_seed(tmp_path / "op", OPERATOR))
+    async with _processes(config, tmp_path, bare_nats_server.url, NAMES) as fleet:
+        log = tmp_path / "run" / "logs" / "otto.log"
+        await wait_until(lambda: named in log.read_text(), 30, f"otto naming {named!r}")
+        await wait_until(lambda: all("resources incompatible" in fleet.heartbeats(n)[-1]["status"]
+                                     for n in NAMES), 30, "every status naming the resources")
+        assert not fleet.of("proposal")
 
 
 async def test_agents_never_create_the_resources(tmp_path: Path,
@@ -360,6 +445,53 @@ async def test_naive_timestamps_and_malformed_leases_stop_no_tick(
     assert all(a.errors == 0 for a in agents.values()), "no tick may fail on a peer's input"
     assert (lease.target, lease.repair) == ("node.worker-1", "(malformed)")
     assert lease.problem.startswith("repair:"), lease.problem
+
+
+async def test_agent_processes_work_on_through_naive_timestamps_and_bad_leases(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Mallory holds Alexa's key and a lease writer's access: a malformed lease value, a
+    heartbeat and a vote on each live repair with naive timestamps. Otto still tallies
+    and decides, and no tick of any agent fails."""
+    config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "op", OPERATOR),
+                     tick=timedelta(seconds=2))
+    alexa = Signer(_seed(config, "alexa"))
+    naive = datetime.now(UTC).replace(tzinfo=None).isoformat()
+    heartbeat = Heartbeat(pid=1, version="x", tick=1, status="ok", bus="connected",
+                          kubernetes="observed", scopes_digest="s", policies_digest="p")
+    kv_conn = await _client(nats_server.url)
+    try:
+        await (await kv_conn.js.key_value(LEASES_BUCKET)).put("node.worker-1", b"[1, 2]")
+    finally:
+        await kv_conn.close()
+    running = tuple(n for n in NAMES if n != "alexa")
+    async with _processes(config, tmp_path, nats_server.url, running) as fleet:
+        answered: set[str] = set()
+
+        async def spoil() -> None:
+            await fleet.conn.nc.publish(subjects.heartbeat("alexa"), _signed(
+                "heartbeat", "alexa", alexa, heartbeat.model_dump(mode="json"), at=naive))
+            for proposal in fleet.of("proposal"):
+                if proposal["repair"] not in answered:
+                    answered.add(proposal["repair"])
+                    vote = Vote(verdict="approve", reason="naive", policy_digest="d",
+                                observed_at=datetime.now(UTC)).model_dump(mode="json")
+                    await fleet.conn.nc.publish(
+                        subjects.vote(proposal["repair"], "alexa"),
+                        _signed("vote", "alexa", alexa, {**vote, "observed_at": naive},
+                                at=naive, repair=proposal["repair"]))
+
+        def decided() -> list[dict[str, Any]]:
+            asyncio.ensure_future(spoil())  # noqa: RUF006 (awaited through the poll)
+            return [d for d in fleet.of("decision") if d["repair"] in answered]
+
+        await wait_until(decided, 60, "a decision on a repair that got a naive vote")
+        ticks = {n: p.ticks() for n, p in fleet.processes.items()}
+        await wait_until(lambda: all(p.ticks() > ticks[n] + 2
+                                     for n, p in fleet.processes.items()),
+                         30, "more ticks of every agent")
+    for name, process in fleet.processes.items():
+        failed = [e for e in process.events() if e.get("event") == "tick" and e["errors"]]
+        assert not failed, (name, failed[:1])
 
 
 def _containers(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
@@ -453,3 +585,24 @@ async def test_budgets_count_only_decisions_signed_by_the_verified_proposer(
     assert coordinator._approved_last_hour(policy.name, datetime.now(UTC)) == 0
     await decided("otto")
     assert coordinator._approved_last_hour(policy.name, datetime.now(UTC)) == 1
+
+
+async def test_an_agent_process_flooded_by_a_proposer_key_votes_a_bounded_number(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """500 valid proposals signed with Otto's key at a running Riven: she assesses no
+    more than the burst and the refill allow, and her ticks go on."""
+    config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "op", OPERATOR),
+                     tick=timedelta(seconds=2))
+    async with _processes(config, tmp_path, nats_server.url, ("riven",)) as fleet:
+        riven = fleet.processes["riven"]
+        before = riven.ticks()
+        started = asyncio.get_running_loop().time()
+        repairs = [await fleet.propose(config, _loose_proposal(config, {}))
+                   for _ in range(500)]
+        await fleet.conn.nc.flush()
+        await wait_until(lambda: riven.ticks() > before + 4, 30,
+                         "riven ticking through the flood")
+        elapsed = asyncio.get_running_loop().time() - started
+        votes = [v for v in fleet.of("vote") if v["repair"] in set(repairs)]
+    assert ASSESS_BURST <= len(votes) <= ASSESS_BURST + ASSESS_RATE * elapsed + 1, (
+        len(votes), elapsed)
