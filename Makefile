@@ -1,5 +1,5 @@
 # The README's two commands: `make lab` (the main job) and `make test` (the whole suite).
-# Both create .venv on first use and reinstall the project only when pyproject.toml changes.
+# Both create .venv on first use and reinstall both distributions only when a pyproject.toml changes.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 test: lint typecheck imports pytest
 
 lab: $(STAMP)
-	$(BIN)/zeta-agent lab $(LAB_ARGS)
+	$(BIN)/zeta-lab $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,6 +33,7 @@ $(BIN)/python:
 	  echo "error: '$(PYTHON) -m venv' failed. On Debian/Ubuntu: apt-get install python3-venv" >&2; \
 	  exit 1; }
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# Both distributions: zeta-agent (what a host installs) and the private lab (zeta-lab).
+$(STAMP): pyproject.toml lab/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./lab
 	@touch $@

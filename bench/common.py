@@ -16,6 +16,9 @@ from pathlib import Path
 
 from bench.quorum import machine, percentile
 
+REPO = Path(__file__).resolve().parent.parent
+"""The checkout the benchmarks run from (its personas, policies and docs)."""
+
 __all__ = ["Check", "load_average", "machine_lines", "percentile", "spread", "work_directory"]
 
 

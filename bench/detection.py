@@ -1,12 +1,12 @@
 """Detection latency: a node stops heartbeating → the agents' finding → the cordon, end to end.
 
-The fleet is ``runtime.fleet``'s, the one ``tests/test_e2e_k8s.py`` and ``zeta-agent
+The fleet is ``lab.fleet``'s, the one ``tests/test_e2e_k8s.py`` and ``zeta-agent
 lab`` run: a real nats-server, a real control plane (etcd, kube-apiserver,
 kube-controller-manager with ``--node-monitor-grace-period`` 6 s), the node simulator
 (Lease renewals every second) with ``--nodes`` nodes, and the five shipped personas
 as ``python -m runtime run <name>`` processes with the harness's timings (tick
 ``--tick``, default 1 s; node-not-ready ``for:`` 5 s; cordon under 3 approvals with
-Riven's veto). The bus is read through ``runtime.fleet.BusTap``, which verifies as the
+Riven's veto). The bus is read through ``lab.fleet.BusTap``, which verifies as the
 agents do and stamps each message when it arrives.
 
 Each repetition stops one node's heartbeats (rotating over the nodes) and times:
@@ -41,18 +41,14 @@ from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
-from bench.common import Check, machine_lines, spread, work_directory
+from bench.common import REPO, Check, machine_lines, spread, work_directory
 from bus.envelope import Accepted
 from bus.messages import Decision, Finding, Proposal, Result, Started
-from runtime import logs
-from runtime.cluster.building import ensure_binaries
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import JsonApi, NodeSimulator
-from runtime.durations import parse_duration
-from runtime.fleet import (
+from lab.building import ensure_binaries
+from lab.controlplane import ControlPlane
+from lab.fleet import (
     NODE_NOT_READY,
     POLICIES,
-    REPO,
     AgentFleet,
     Seen,
     persona_users,
@@ -60,8 +56,11 @@ from runtime.fleet import (
     start_fleet,
     wait_until,
 )
-from runtime.natsserver import NatsServer
-from runtime.tools import stderr_progress as progress
+from lab.natsserver import NatsServer
+from lab.nodesim import JsonApi, NodeSimulator
+from lab.tools import stderr_progress as progress
+from runtime import logs
+from runtime.durations import parse_duration
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -266,8 +265,8 @@ async def measure(workdir: Path, repetitions: int, nodes: int, tick: timedelta,
         sim = stack.enter_context(NodeSimulator(plane.admin_kubeconfig))
         names = sim.add_nodes(nodes)
         api = stack.enter_context(JsonApi(plane.admin_kubeconfig))
-        config_dir = prepare_fleet(workdir, server.url, plane.url, policies=BENCH_POLICIES,
-                                   tick=tick)
+        config_dir = prepare_fleet(workdir, server.url, plane.url, source=REPO,
+                                   policies=BENCH_POLICIES, tick=tick)
         fleet = await start_fleet(config_dir, workdir, server.url, plane)
         try:
             started = time.monotonic()

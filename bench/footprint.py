@@ -1,10 +1,10 @@
 """Footprint of one agent: time to READY=1, and idle memory and CPU with the shipped 15 s tick.
 
 One persona (``--persona``, default otto, which runs the most policies) as
-``python -m runtime run <persona>``, started by ``runtime.fleet.start_agent`` as
+``python -m runtime run <persona>``, started by ``lab.fleet.start_agent`` as
 systemd would start it: its own state directory, JSON logs, and a ``NOTIFY_SOCKET``
 that this bench reads all along, as systemd does. Its configuration is a copy of the
-shipped one (``runtime.fleet.prepare_config``): shipped policies and tick, a fresh
+shipped one (``lab.fleet.prepare_config``): shipped policies and tick, a fresh
 key, on a real nats-server, so the bus is connected. The other four personas run
 too (and are ready before the first start), so the agent measured is one of a
 healthy fleet: no silent peers, nothing to repair. Two cases:
@@ -42,13 +42,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from bench.common import Check, machine_lines, spread, work_directory
-from runtime import logs
-from runtime.cluster.building import ensure_binaries
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import JsonApi, NodeSimulator
-from runtime.fleet import (
-    REPO,
+from bench.common import REPO, Check, machine_lines, spread, work_directory
+from lab.building import ensure_binaries
+from lab.controlplane import ControlPlane
+from lab.fleet import (
     AgentProcess,
     deployment,
     install_kubernetes,
@@ -57,8 +54,10 @@ from runtime.fleet import (
     start_agent,
     stop_agents,
 )
-from runtime.natsserver import NatsServer
-from runtime.tools import stderr_progress as progress
+from lab.natsserver import NatsServer
+from lab.nodesim import JsonApi, NodeSimulator
+from lab.tools import stderr_progress as progress
+from runtime import logs
 
 RSS_TARGET = 80e6  # bytes
 CPU_TARGET = 0.01  # of one core

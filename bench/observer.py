@@ -63,9 +63,9 @@ from typing import IO, Any
 import structlog
 from kubernetes.client.exceptions import ApiException
 
-from runtime.cluster.building import ensure_binaries
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import (
+from lab.building import ensure_binaries
+from lab.controlplane import ControlPlane
+from lab.nodesim import (
     FIRST_NODE_IP,
     FIRST_POD_IP,
     JsonApi,
@@ -75,13 +75,13 @@ from runtime.cluster.nodesim import (
     register_node,
     running_status,
 )
+from lab.tools import stderr_progress as progress
 from runtime.cluster.observing import (
     KubernetesObserver,
     ListCall,
     endpoints,
     load_client,
 )
-from runtime.tools import stderr_progress as progress
 
 REPLICAS = 100  # per Deployment (live)
 NAMESPACE = "bench"

@@ -35,8 +35,8 @@ from bus.jetstream import Settings, ensure
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
 from bus.protocol import Judgement, Protocol
+from lab.natsserver import NatsServer, binary
 from runtime import logs
-from runtime.natsserver import NatsServer, binary
 
 PERSONAS = ("otto", "alexa", "riven", "vera", "lior")
 WARMUP = 20

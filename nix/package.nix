@@ -8,7 +8,11 @@ python3Packages.buildPythonApplication {
   version = "0.1.0";
   pyproject = true;
 
-  src = lib.cleanSource ../.;
+  # Only the product: the private lab (lab/) is its own distribution and never builds here.
+  src = lib.cleanSourceWith {
+    src = lib.cleanSource ../.;
+    filter = path: _type: baseNameOf path != "lab" || dirOf path != toString ../.;
+  };
 
   build-system = [ python3Packages.setuptools ];
 
@@ -24,7 +28,6 @@ python3Packages.buildPythonApplication {
     python3Packages.urllib3
     python3Packages.pynacl
     python3Packages.prometheus-client
-    python3Packages.rich
   ];
 
   postInstall = ''

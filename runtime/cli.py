@@ -651,40 +651,6 @@ def _control_parsers(commands: Commands) -> None:
         command.set_defaults(handler=_control, verb=verb)
 
 
-def _lab(args: argparse.Namespace) -> int:
-    # Imported here: an agent (`zeta-agent run`) must not pay for rich and the lab at start.
-    from runtime import lab  # noqa: PLC0415
-
-    try:
-        steps = lab.parse_steps(args.steps)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    load_config_dir(args.config_dir)  # a broken configuration starts nothing
-    options = lab.LabOptions(args.config_dir, keep=args.keep, steps=steps)
-    return asyncio.run(lab.run_lab(options))
-
-
-def _lab_parser(commands: Commands) -> None:
-    command = commands.add_parser(
-        "lab", help="five agents repair a real control plane on this machine, every step shown",
-        description="Start nats-server, etcd + kube-apiserver + kube-controller-manager (built "
-                    "into the cache the first time), a simulated cluster of 9 nodes and the "
-                    "personas as processes, then run a drill: a dead kubelet, a crash loop, "
-                    "an API server outage, the breaker, a forged vote. Ends with a summary "
-                    "and `zeta-agent audit verify`; exit 0 if every step passed, 1 if one "
-                    "failed, 2 if the lab could not start, 130 on Ctrl-C. Nothing is left "
-                    "running.")
-    command.add_argument("--config-dir", type=Path, default=Path(), metavar="DIR",
-                         help="the personas and policies to copy (default: .)")
-    command.add_argument("--keep", action="store_true",
-                         help="after the drill, leave everything up and print the commands "
-                              "to explore it, until Ctrl-C")
-    command.add_argument("--steps", default="all", metavar="LIST",
-                         help="'all' (default), 'none', or some of kubelet, crashloop, "
-                              "apiserver, breaker, forged, comma-separated")
-    command.set_defaults(handler=_lab)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``zeta-agent`` argument parser, every subcommand included."""
     parser = argparse.ArgumentParser(prog="zeta-agent", description=(
@@ -759,7 +725,6 @@ def build_parser() -> argparse.ArgumentParser:
     _control_parsers(commands)
     _bus_parsers(commands)
     _think_parser(commands)
-    _lab_parser(commands)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=_version)

@@ -1,7 +1,7 @@
 """Fixtures for tests against a real Kubernetes API server (conftest.py exposes them).
 
 ``control_plane`` (session): etcd + kube-apiserver + kube-controller-manager built
-from the pinned release (runtime/cluster/building.py) and started once per session,
+from the pinned release (lab/building.py) and started once per session,
 with a token user per persona. ``k8s_namespace``: a fresh namespace per test, deleted
 afterwards. ``node_sim``: a node simulator (kubelets and scheduler) per test; its
 nodes and their pods are removed afterwards so the next test starts with none.
@@ -22,18 +22,18 @@ from typing import TypeVar
 import pytest
 from kubernetes import client
 
-from runtime.cluster.building import Binaries, ensure_binaries
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import JsonApi, NodeSimulator, api_client
-from runtime.fleet import deployment
-from runtime.tools import Progress, ToolUnavailableError
+from lab.building import Binaries, ensure_binaries
+from lab.controlplane import ControlPlane
+from lab.fleet import deployment
+from lab.nodesim import JsonApi, NodeSimulator, api_client
+from lab.tools import Progress, ToolUnavailableError
 from tests.prereq import missing
 
 PERSONA_USERS = ("zeta-otto", "zeta-alexa", "zeta-riven", "zeta-vera", "zeta-lior")
 NOBODY = "zeta-nobody"
 """A token user that no test binds to anything: what RBAC gives nobody."""
 NAMESPACE_READY = 30.0
-# The tests' Deployment manifests are the lab's (runtime.fleet).
+# The tests' Deployment manifests are the lab's (lab.fleet).
 __all__ = ["NOBODY", "PERSONA_USERS", "admin_api", "admin_json", "control_plane", "deployment",
            "k8s_binaries", "k8s_namespace", "node_sim", "past_capture", "wait_for"]
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """A configuration directory whose personas and operator have fresh keys, for bus tests.
 
 The shipped persona files carry placeholder keys whose seeds exist nowhere; this
-copies them with new keys (``runtime.fleet.prepare_config``) and adds an operator, so
+copies them with new keys (``lab.fleet.prepare_config``) and adds an operator, so
 a test can sign as anyone the configuration knows.
 """
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bus.keys import Signer, generate_user_seed
-from runtime import tools
+from lab import tools
+from lab.fleet import prepare_config
 from runtime.credentials import SEED_FILE
-from runtime.fleet import prepare_config
 from tests.conftest import REPO
 
 OPERATOR = tools.EXAMPLE_OPERATOR

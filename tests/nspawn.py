@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from runtime.tools import Progress, cache_dir, cached, stderr_progress
+from lab.tools import Progress, cache_dir, cached, stderr_progress
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"

@@ -41,10 +41,10 @@ from bus.messages import (
     Vote,
 )
 from bus.reading import Stored
-from runtime import tools
+from lab import tools
+from lab.natsserver import NatsServer, free_ports
 from runtime.auditing import Violation, verify
 from runtime.cli import main
-from runtime.natsserver import NatsServer, free_ports
 from tests.builders import T0
 from tests.keyed import keyed_config
 

@@ -28,7 +28,7 @@ from bus.jetstream import (
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
 from bus.protocol import Judgement, Protocol
-from runtime.natsserver import NatsServer
+from lab.natsserver import NatsServer
 
 NAMES = ("otto", "alexa", "riven", "vera", "lior")
 SIGNERS = {n: Signer(generate_user_seed()) for n in NAMES}

@@ -31,7 +31,7 @@ from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
 from bus.protocol import Judgement, Protocol
-from runtime.natsserver import NatsCluster, NatsServer
+from lab.natsserver import NatsCluster, NatsServer
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ import pytest
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from runtime.cluster import building
-from runtime.cluster.building import (
+from lab import building
+from lab.building import (
     KUBERNETES_VERSION,
     STAGING_MODULES,
     STAGING_VERSION,
@@ -31,9 +31,9 @@ from runtime.cluster.building import (
     tools_go,
     version_ldflags,
 )
-from runtime.cluster.controlplane import ControlPlane, ControlPlaneError
-from runtime.cluster.nodesim import JsonApi, NodeSimulator
-from runtime.tools import ToolUnavailableError
+from lab.controlplane import ControlPlane, ControlPlaneError
+from lab.nodesim import JsonApi, NodeSimulator
+from lab.tools import ToolUnavailableError
 from tests.k8s import NOBODY, PERSONA_USERS, admin_json, deployment, wait_for
 
 pytestmark = pytest.mark.slow

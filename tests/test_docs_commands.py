@@ -32,10 +32,10 @@ from typing import Any, Literal
 import pytest
 from ruamel.yaml import YAML
 
+from lab.natsserver import NatsServer
 from runtime import catalog, config
 from runtime.config import Remedy
 from runtime.loading import load
-from runtime.natsserver import NatsServer
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -254,9 +254,9 @@ RUN: dict[str, Run] = {
 
 SKIP: dict[str, str] = {
     "make lab": "the lab itself (minutes, and a Kubernetes build the first time); "
-                "tests/test_lab.py runs `zeta-agent lab` end to end",
+                "tests/test_lab.py runs `zeta-lab` end to end",
     "make test": "the whole suite, this test included",
-    "python -m runtime.cluster.building": "builds kube-apiserver, kube-controller-manager "
+    "python -m lab.building": "builds kube-apiserver, kube-controller-manager "
         "and etcd from source (minutes of CPU); the k8s_binaries fixture in tests/k8s.py "
         "runs the same build",
     "python3 -m venv /opt/zeta-agent": "an installation into a new virtualenv; the next "

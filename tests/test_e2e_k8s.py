@@ -1,6 +1,6 @@
 """End to end: the five shipped personas, as five processes, repair a real Kubernetes cluster.
 
-The fleet is ``runtime.fleet``'s, the one ``zeta-agent lab`` runs: each persona as
+The fleet is ``lab.fleet``'s, the one ``zeta-lab`` runs: each persona as
 ``python -m runtime run <name>`` with its own state directory, its own kubeconfig (a
 token user of the session's control plane) bound to the ClusterRole rendered from its
 scopes, on a real nats-server, with the lab's short timings (tick 1 s, ``for:`` 5 s,
@@ -19,14 +19,15 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 
+from lab import fleet as harness
+from lab.controlplane import ControlPlane
+from lab.fleet import AgentFleet, wait_until
+from lab.natsserver import NatsServer
+from lab.nodesim import JsonApi, NodeSimulator
 from runtime import auditing
-from runtime import fleet as harness
 from runtime.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION
 from runtime.cluster.acting import RESTARTED_AT
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import JsonApi, NodeSimulator
-from runtime.fleet import AgentFleet, wait_until
-from runtime.natsserver import NatsServer
+from tests.conftest import REPO
 from tests.k8s import admin_api, admin_json, deployment
 from tests.test_fleet_quorum import NAMES
 from tests.test_k8s_acting import ReadyCounter, is_ready
@@ -38,7 +39,7 @@ DESTRUCTIVE_CALLS = ("patch nodes", "create pods/eviction", "delete pods", "patc
 
 
 async def until(check: Callable[[], T | None], within: float, what: str) -> T:
-    """``runtime.fleet.wait_until``, failing the test when it times out."""
+    """``lab.fleet.wait_until``, failing the test when it times out."""
     try:
         return await wait_until(check, within, what)
     except TimeoutError as exc:
@@ -57,6 +58,7 @@ async def start_fleet(tmp_path: Path, nats_server: NatsServer,
 
     async def start(policies: Mapping[str, Mapping[str, Any]] | None = None) -> AgentFleet:
         config_dir = harness.prepare_fleet(tmp_path, nats_server.url, control_plane.url,
+                                           source=REPO,
                                            policies=policies)
         fleet = await harness.start_fleet(config_dir, tmp_path, nats_server.url,
                                           control_plane)

@@ -26,12 +26,12 @@ from typing import Any
 
 import pytest
 
-from runtime.cluster.building import Binaries, ensure_binaries, k8s_cache
-from runtime.cluster.controlplane import ControlPlane
-from runtime.fleet import prepare_config
+from lab.building import Binaries, ensure_binaries, k8s_cache
+from lab.controlplane import ControlPlane
+from lab.fleet import prepare_config
+from lab.natsserver import free_ports
+from lab.tools import Progress, ToolUnavailableError
 from runtime.hosting import POLKIT_DENIALS
-from runtime.natsserver import free_ports
-from runtime.tools import Progress, ToolUnavailableError
 from tests.conftest import REPO
 from tests.k8s import past_capture
 from tests.nspawn import VENV, Container, prerequisites

@@ -18,12 +18,12 @@ from bus.ids import new_id
 from bus.jetstream import LEASES_BUCKET, Settings, ensure
 from bus.keys import Signer
 from bus.messages import Control, Result, Target
+from lab.fleet import prepare_config
+from lab.natsserver import NatsServer
 from runtime.acting import Outcome
 from runtime.agent import Agent, build
 from runtime.credentials import CredentialError, load_signer, write_seed
-from runtime.fleet import prepare_config
 from runtime.loading import config_paths, load
-from runtime.natsserver import NatsServer
 from runtime.observations import ApiProbe, SourceStatus, UnitObs
 from runtime.observing import Domain, Observed, Observer, Observing
 from tests.builders import RecordingActuator

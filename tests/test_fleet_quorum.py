@@ -27,14 +27,14 @@ from bus.envelope import seal
 from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, ensure
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Vote
+from lab.fleet import prepare_config
+from lab.natsserver import NatsServer, free_ports
 from runtime.acting import Outcome
 from runtime.agent import Agent, build
 from runtime.config import PeerSilentDetect
 from runtime.coordinating import BusObserver
 from runtime.detecting import detect
-from runtime.fleet import prepare_config
 from runtime.loading import config_paths, load
-from runtime.natsserver import NatsServer, free_ports
 from runtime.observations import ApiProbe, Snapshot, SourceStatus
 from runtime.observing import Domain, Observed, Observing
 from tests.builders import RecordingActuator

@@ -27,6 +27,8 @@ from pydantic import BaseModel
 from structlog.testing import capture_logs
 
 from bus.messages import Target
+from lab.controlplane import ControlPlane
+from lab.nodesim import NodeSimulator
 from runtime.acting import Outcome, unfenced
 from runtime.catalog import (
     CATALOG,
@@ -54,8 +56,6 @@ from runtime.cluster.acting import (
     kubernetes_actuators,
     plan_drain,
 )
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import NodeSimulator
 from runtime.cluster.observing import KubeconfigError
 from runtime.engine import Intent
 from tests.builders import intent, persona, stale

@@ -24,9 +24,9 @@ from kubernetes.client.exceptions import ApiException
 from structlog.testing import capture_logs
 
 from bus.messages import Target
+from lab.controlplane import ControlPlane
+from lab.nodesim import NodeSimulator
 from runtime.agent import Agent, build
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import NodeSimulator
 from runtime.cluster.observing import (
     RESOURCES,
     Cache,

@@ -1,4 +1,4 @@
-"""``zeta-agent lab`` end to end: the product's front door.
+"""``zeta-lab`` end to end: the product's front door.
 
 The whole drill runs as ``make lab`` runs it (a subprocess, its output read back):
 every step passes and nothing is left running. Ctrl-C (SIGINT to the lab) at a few
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cluster.building import Binaries
-from runtime.lab import STEPS, parse_steps
+from lab.building import Binaries
+from lab.drill import STEPS, parse_steps
 
 REPO = Path(__file__).resolve().parents[1]
 DRILL_WITHIN = 420  # the drill takes ~3-4 minutes on two cores; a hung lab must fail
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def start_lab(*args: str, within: float) -> subprocess.Popen[str]:
-    lab = subprocess.Popen([sys.executable, "-m", "runtime", "lab", *args], cwd=REPO,
+    lab = subprocess.Popen([sys.executable, "-m", "lab", *args], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # A hung lab must fail the test, not hang the suite.
     timer = threading.Timer(within, lab.kill)
@@ -159,7 +159,7 @@ def test_keep_leaves_it_up_with_the_commands_to_explore_it_until_ctrl_c(
 def test_an_invalid_configuration_starts_nothing(tmp_path: Path) -> None:
     (tmp_path / "personas").mkdir()
     (tmp_path / "personas" / "otto.yaml").write_text("apiVersion: zeta/v1\nkind: Persona\n")
-    result = subprocess.run([sys.executable, "-m", "runtime", "lab", "--config-dir",
+    result = subprocess.run([sys.executable, "-m", "lab", "--config-dir",
                              str(tmp_path)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2

@@ -26,6 +26,7 @@ from bus.envelope import seal
 from bus.journal import Journal
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
+from lab.natsserver import free_ports
 from runtime.acting import Actuators, Outcome
 from runtime.brain.asking import BrainUnavailableError
 from runtime.config import Persona, TcpListen, UnixListen, parse_listen
@@ -33,7 +34,6 @@ from runtime.coordinating import Coordinator
 from runtime.engine import PolicyEngine
 from runtime.loading import ConfigSet, config_paths, load
 from runtime.metrics import Endpoint, Metrics, listen_address, serve, start
-from runtime.natsserver import free_ports
 from runtime.rendering import render_unit
 from tests.builders import RecordingActuator, policy, unit
 from tests.messages_api import Error, MessagesApi, messages_api_server, reply, text

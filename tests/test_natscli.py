@@ -1,6 +1,6 @@
 """``nats sub 'zeta.>'`` with the real NATS CLI shows every message kind as readable JSON.
 
-The CLI is natscli v0.5.0 built from the Go module proxy (runtime/tools.py) once per
+The CLI is natscli v0.5.0 built from the Go module proxy (lab/tools.py) once per
 machine, in a session fixture so the build stays out of any single test's time. Its
 output format, checked by running it (stdout is not a terminal):
 
@@ -41,8 +41,8 @@ from bus.envelope import Accepted, Verifier
 from bus.jetstream import AUDIT_STREAM
 from bus.keys import Signer, generate_user_seed
 from bus.messages import BODIES
-from runtime import tools
-from runtime.natsserver import NatsServer
+from lab import tools
+from lab.natsserver import NatsServer
 from tests.prereq import missing
 
 SIGNERS = {name: Signer(generate_user_seed()) for name in tools.EXAMPLE_SENDERS}

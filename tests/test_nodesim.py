@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import (
+from lab.controlplane import ControlPlane
+from lab.nodesim import (
     LEASE_NAMESPACE,
     JsonApi,
     NodeSimulator,

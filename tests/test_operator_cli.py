@@ -23,10 +23,10 @@ from bus.envelope import Accepted, Verifier
 from bus.jetstream import AUDIT_STREAM
 from bus.keys import generate_user_seed
 from bus.messages import Control
+from lab.natsserver import NatsServer
 from runtime.cli import main
 from runtime.credentials import SEED_FILE
 from runtime.loading import config_paths, load
-from runtime.natsserver import NatsServer
 from runtime.operating import connect_within
 from runtime.permissions import render_nats
 

@@ -64,9 +64,9 @@ from nats.js.api import StreamInfo
 from bus.connection import BusUnavailableError, Connection
 from bus.jetstream import AUDIT_STREAM
 from bus.reading import Stored
+from lab.fleet import AgentProcess, prepare_config, stop_agents, wait_until
+from lab.natsserver import NatsCluster, NatsServer, NatsServerError
 from runtime import auditing, logs
-from runtime.fleet import AgentProcess, prepare_config, stop_agents, wait_until
-from runtime.natsserver import NatsCluster, NatsServer, NatsServerError
 from tests.conftest import REPO
 from tests.netns import Host, NetnsError, Network, prerequisites
 from tests.prereq import missing

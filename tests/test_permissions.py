@@ -35,14 +35,14 @@ from bus.envelope import Envelope, seal
 from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, check, ensure, stream_config
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Control, Heartbeat, Proposal, QuorumRule, Target, Vote
+from lab.fleet import init_bus, prepare_config
+from lab.natsserver import NatsServer, binary, free_ports
 from runtime import auditing
 from runtime.acting import Outcome
 from runtime.agent import build
 from runtime.config import BusUser
 from runtime.credentials import SEED_FILE, write_seed
-from runtime.fleet import init_bus, prepare_config
 from runtime.loading import ConfigSet, config_paths, load
-from runtime.natsserver import NatsServer, binary, free_ports
 from runtime.operating import connect_within
 from runtime.permissions import (
     DuplicateKeyError,

@@ -21,12 +21,13 @@ from kubernetes import client
 from ruamel.yaml import YAML
 
 from bus.messages import Target
+from lab.controlplane import ControlPlane
+from lab.fleet import apply_rbac
+from lab.nodesim import NodeSimulator, api_client
 from runtime.authorizing import authorize
 from runtime.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION, DrainParams
 from runtime.cli import main
 from runtime.cluster.acting import ClientApi, KubeApi, kubernetes_actuators
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import NodeSimulator, api_client
 from runtime.cluster.rbac import (
     API_GROUPS,
     NEEDS,
@@ -39,7 +40,6 @@ from runtime.cluster.rbac import (
 )
 from runtime.config import Persona
 from runtime.engine import Intent
-from runtime.fleet import apply_rbac
 from runtime.loading import ConfigSet, config_paths, load
 from runtime.scopes import VOCABULARY, allows
 from tests.builders import intent

@@ -13,7 +13,7 @@ import pytest
 from bus import subjects
 from bus.envelope import Accepted, DropReason, Envelope, Verifier
 from bus.messages import BODIES, Kind
-from runtime import tools
+from lab import tools
 from tests.conftest import REPO
 
 BUS_MD = (REPO / "docs" / "bus.md").read_text(encoding="utf-8")
@@ -34,7 +34,7 @@ def table(text: str, header: str) -> list[list[str]]:
 
 
 def test_the_committed_schemas_and_examples_are_what_the_code_generates() -> None:
-    assert tools.stale_docs() == [], "run: .venv/bin/python -m runtime.tools docs"
+    assert tools.stale_docs(REPO) == [], "run: .venv/bin/python -m lab.tools docs"
     assert tools.main(["docs", "--check"]) == 0
     names = sorted(p.stem for p in (REPO / "docs" / "schemas").glob("*.json"))
     assert names == sorted(["envelope", *BODIES])

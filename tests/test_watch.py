@@ -16,10 +16,10 @@ from bus.connection import Connection
 from bus.envelope import Accepted, Dropped, Envelope, seal
 from bus.keys import Signer, generate_user_seed
 from bus.messages import BODIES, Heartbeat, Vote
-from runtime import tools
+from lab import tools
+from lab.natsserver import NatsServer, free_ports
 from runtime.cli import load_config_dir
 from runtime.coordinating import Roster
-from runtime.natsserver import NatsServer, free_ports
 from runtime.watching import FORGET_AFTER, View, describe, json_line
 from tests.conftest import REPO
 from tests.keyed import OPERATOR, keyed_config

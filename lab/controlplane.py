@@ -39,8 +39,8 @@ from types import TracebackType
 
 import structlog
 
-from runtime.cluster.building import Binaries, ensure_binaries
-from runtime.natsserver import free_ports
+from lab.building import Binaries, ensure_binaries
+from lab.natsserver import free_ports
 
 log = structlog.get_logger(__name__)
 

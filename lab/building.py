@@ -13,7 +13,7 @@ The result is cached per machine in ``${ZETA_CACHE_DIR:-~/.cache/zeta-agent}/k8s
 and reused; a lock makes parallel pytest workers and the lab build it once. A cold
 build takes several minutes (about 8 on two cores); progress lines say so.
 
-``python -m runtime.cluster.building`` builds if needed and prints the paths.
+``python -m lab.building`` builds if needed and prints the paths.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from runtime.tools import (
+from lab.tools import (
     Progress,
     ToolUnavailableError,
     build_lock,
@@ -215,8 +215,8 @@ def _minutes(seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m runtime.cluster.building``: build if needed, print the three paths."""
-    parser = argparse.ArgumentParser(prog="python -m runtime.cluster.building",
+    """``python -m lab.building``: build if needed, print the three paths."""
+    parser = argparse.ArgumentParser(prog="python -m lab.building",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The five personas as processes around a real bus and control plane: the lab's and the e2e tests'.
 
-One harness, so that what ``zeta-agent lab`` shows is exactly what
+One harness, so that what ``zeta-lab`` shows is exactly what
 ``tests/test_e2e_k8s.py`` asserts. It copies a configuration with fresh keys and short
 timings (``prepare_config``, ``POLICIES``), gives every persona a kubeconfig of its own
 bound to the ClusterRole rendered from its scopes (``install_kubernetes``), starts each
@@ -42,22 +42,20 @@ from bus.connection import Connection
 from bus.envelope import Accepted, Dropped
 from bus.messages import Heartbeat
 from bus.reading import Stored
+from lab.controlplane import ControlPlane
+from lab.natsserver import free_ports
+from lab.nodesim import api_client
 from runtime import auditing, operating
-from runtime.cluster.controlplane import ControlPlane
-from runtime.cluster.nodesim import api_client
 from runtime.cluster.rbac import render_all
 from runtime.coordinating import Roster, jetstream_settings
 from runtime.credentials import write_seed
 from runtime.durations import format_duration
 from runtime.loading import ConfigSet, config_paths, load, yaml_files
-from runtime.natsserver import free_ports
 from runtime.watching import SUBJECT, View
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parents[1]
-"""The checkout: the source of the shipped configuration, and where agents run from."""
 TICK = timedelta(seconds=1)
 STOP_GRACE = 10.0
 READY_WITHIN = 60.0  # five interpreters importing at once on two busy cores
@@ -307,7 +305,7 @@ def start_agent(config_dir: Path, name: str, workdir: Path, *,
         process = subprocess.Popen(
             [sys.executable, "-m", "runtime", "run", name, "--config-dir", str(config_dir),
              "--log-format", "json"],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     return AgentProcess(name, process, log_file, notify, metrics)
 
@@ -474,11 +472,12 @@ async def init_bus(url: str, config: ConfigSet, *, seed: bytes | None = None) ->
         raise FleetError("the bus resources are not as configured: " + "; ".join(problems))
 
 
-def prepare_fleet(workdir: Path, bus_url: str, apiserver: str, *, source: Path = REPO,
+def prepare_fleet(workdir: Path, bus_url: str, apiserver: str, *, source: Path,
                   policies: Mapping[str, Mapping[str, Any]] | None = None,
                   tick: timedelta = TICK) -> Path:
     """The configuration copy every fleet runs from (``workdir/config``), enforcing
-    ``POLICIES`` (updated by ``policies``), with fresh keys, on ``bus_url`` and ``apiserver``."""
+    ``POLICIES`` (updated by ``policies``), with fresh keys, on ``bus_url`` and ``apiserver``.
+    ``source`` is the checkout (or any directory of personas and policies) to copy."""
     config_dir = workdir / "config"
     prepare_config(source, config_dir, tick=tick, nats_url=bus_url, dry_run=False,
                    policy_spec={**POLICIES, **(policies or {})},

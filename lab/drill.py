@@ -1,8 +1,8 @@
-"""``zeta-agent lab`` (``make lab``): five agents repair a real control plane, every step shown.
+"""``zeta-lab`` (``make lab``): five agents repair a real control plane, every step shown.
 
-It starts, from ``runtime.fleet`` (the harness ``tests/test_e2e_k8s.py`` runs on):
+It starts, from ``lab.fleet`` (the harness ``tests/test_e2e_k8s.py`` runs on):
 nats-server with JetStream; etcd, kube-apiserver and kube-controller-manager (built
-into the cache the first time, ``runtime.cluster.building``); the node simulator with
+into the cache the first time, ``lab.building``); the node simulator with
 3 control-plane-labelled and 6 worker nodes and a few Deployments under
 PodDisruptionBudgets; and the five personas as ``python -m runtime run <name>``
 processes, each with a fresh key, its own kubeconfig bound to the RBAC rendered from
@@ -53,11 +53,9 @@ from bus.envelope import Accepted, Dropped, Envelope, seal
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Decision, Finding, Heartbeat, Proposal, Result, Started, Vote
 from bus.subjects import vote as vote_subject
-from runtime import logs
-from runtime.cluster.building import binaries_in, k8s_cache
-from runtime.cluster.controlplane import ADMIN, ControlPlane
-from runtime.cluster.nodesim import JsonApi, NodeSimulator
-from runtime.fleet import (
+from lab.building import binaries_in, k8s_cache
+from lab.controlplane import ADMIN, ControlPlane
+from lab.fleet import (
     AgentFleet,
     FleetError,
     Seen,
@@ -68,8 +66,10 @@ from runtime.fleet import (
     start_fleet,
     wait_until,
 )
-from runtime.natsserver import NatsServer
-from runtime.tools import NATSCLI, cache_dir
+from lab.natsserver import NatsServer
+from lab.nodesim import JsonApi, NodeSimulator
+from lab.tools import NATSCLI, cache_dir
+from runtime import logs
 from runtime.watching import describe
 
 T = TypeVar("T")
@@ -175,7 +175,7 @@ def _decisions(accepted: Iterable[Accepted], action: str) -> list[Decision]:
 
 @dataclass
 class LabOptions:
-    """What ``zeta-agent lab`` was asked for."""
+    """What ``zeta-lab`` was asked for."""
 
     config_dir: Path
     keep: bool = False
@@ -326,7 +326,7 @@ class Lab:
         what = "control-plane binaries (built from the Go module proxy the first time, ~12 min)"
         async with self._phase(what) as detail:
             self.builder = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "runtime.cluster.building",
+                sys.executable, "-m", "lab.building",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True)
             assert self.builder.stderr is not None
@@ -759,7 +759,7 @@ class Lab:
     def _explore(self) -> None:
         assert self.server is not None
         assert self.plane is not None
-        # The pinned nats CLI the tests build (runtime/tools.py), if it is in the cache.
+        # The pinned nats CLI the tests build (lab/tools.py), if it is in the cache.
         built = NATSCLI.path(cache_dir())
         natscli = str(built) if built.exists() else "nats"
         admin = self.plane.admin_kubeconfig
@@ -787,7 +787,7 @@ class Lab:
                          f"{KUBECTL_VERSION}/bin/linux/amd64/kubectl && chmod +x kubectl, "
                          "or use the curl line)")
         if not built.exists():
-            lines.append(f"  (the nats CLI: `{sys.executable} -c 'from runtime.tools import "
+            lines.append(f"  (the nats CLI: `{sys.executable} -c 'from lab.tools import "
                          "natscli; print(natscli())'` builds it into the cache, with Go)")
         for line in lines:
             self.say(line)
