@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from lab import drill
-from runtime.cli import UserError, load_config_dir
+from runtime.cli import UserError, dispatch, load_config_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +48,4 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script; user mistakes become a message and exit code 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as exc:
-        for line in exc.lines:
-            print(line, file=sys.stderr)
-        print(f"zeta-lab: {exc}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:
-        return 130
+    return dispatch("zeta-lab", _run, build_parser().parse_args(argv))

@@ -734,13 +734,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script: parse, dispatch, and turn user mistakes into exit codes."""
     args = build_parser().parse_args(argv)
-    handler = cast(Handler, args.handler)
+    return dispatch("zeta-agent", cast(Handler, args.handler), args)
+
+
+def dispatch(prog: str, handler: Handler, args: argparse.Namespace) -> int:
+    """Run one command's handler: a UserError is printed as ``prog: message`` with its exit
+    code, never as a traceback; Ctrl-C is 130."""
     try:
         return handler(args)
     except UserError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
-        print(f"zeta-agent: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
