@@ -59,8 +59,8 @@ from lab.fleet import (
 from lab.natsserver import NatsServer
 from lab.nodesim import JsonApi, NodeSimulator
 from lab.tools import stderr_progress as progress
-from runtime import logs
-from runtime.durations import parse_duration
+from runtime.agent import logs
+from runtime.model.durations import parse_duration
 
 B = TypeVar("B", bound=BaseModel)
 

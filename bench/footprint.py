@@ -57,7 +57,7 @@ from lab.fleet import (
 from lab.natsserver import NatsServer
 from lab.nodesim import JsonApi, NodeSimulator
 from lab.tools import stderr_progress as progress
-from runtime import logs
+from runtime.agent import logs
 
 RSS_TARGET = 80e6  # bytes
 CPU_TARGET = 0.01  # of one core

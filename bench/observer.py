@@ -76,7 +76,7 @@ from lab.nodesim import (
     running_status,
 )
 from lab.tools import stderr_progress as progress
-from runtime.cluster.observing import (
+from runtime.kube.observing import (
     KubernetesObserver,
     ListCall,
     endpoints,

@@ -36,7 +36,7 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
 from bus.protocol import Judgement, Protocol
 from lab.natsserver import NatsServer, binary
-from runtime import logs
+from runtime.agent import logs
 
 PERSONAS = ("otto", "alexa", "riven", "vera", "lior")
 WARMUP = 20

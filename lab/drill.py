@@ -8,7 +8,7 @@ PodDisruptionBudgets; and the five personas as ``python -m runtime run <name>``
 processes, each with a fresh key, its own kubeconfig bound to the RBAC rendered from
 its scopes, and the harness's short timings. Then a scripted drill: a dead kubelet,
 a crash loop, an API server outage, too many dead nodes at once (the breaker), and a
-forged vote. The bus is read through ``runtime.watching.View``, the verifying view of
+forged vote. The bus is read through ``runtime.ops.watch.View``, the verifying view of
 ``zeta-agent watch``, so every line shown is what the agents themselves accept (or
 drop, with the reason). Each step ends with what the agents saw, who proposed, each
 vote with its reason, the decision, the action and its verification; the drill ends
@@ -69,8 +69,8 @@ from lab.fleet import (
 from lab.natsserver import NatsServer
 from lab.nodesim import JsonApi, NodeSimulator
 from lab.tools import NATSCLI, cache_dir
-from runtime import logs
-from runtime.watching import describe
+from runtime.agent import logs
+from runtime.ops.watch import describe
 
 T = TypeVar("T")
 

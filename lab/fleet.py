@@ -45,13 +45,14 @@ from bus.reading import Stored
 from lab.controlplane import ControlPlane
 from lab.natsserver import free_ports
 from lab.nodesim import api_client
-from runtime import auditing, operating
-from runtime.cluster.rbac import render_all
-from runtime.coordinating import Roster, jetstream_settings
-from runtime.credentials import write_seed
-from runtime.durations import format_duration
-from runtime.loading import ConfigSet, config_paths, load, yaml_files
-from runtime.watching import SUBJECT, View
+from runtime.agent.coordinating import Roster, jetstream_settings
+from runtime.config.credentials import write_seed
+from runtime.config.loading import ConfigSet, config_paths, load, yaml_files
+from runtime.model.durations import format_duration
+from runtime.ops import audit as auditing
+from runtime.ops import controls as operating
+from runtime.ops.render.rbac import render_all
+from runtime.ops.watch import SUBJECT, View
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -360,7 +361,7 @@ class Seen:
 
 
 class BusTap:
-    """Reads ``zeta.>`` through ``runtime.watching.View``: verified as the agents verify,
+    """Reads ``zeta.>`` through ``runtime.ops.watch.View``: verified as the agents verify,
     every message kept, each shown line passed to ``on_line``."""
 
     def __init__(self, url: str, roster: Roster,

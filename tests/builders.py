@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bus.messages import Target
-from runtime.acting import Fence, Outcome
-from runtime.catalog import REPAIR_ANNOTATION, Params, lookup
-from runtime.config import Persona, Remedy, RepairPolicy
-from runtime.engine import Finding, Intent
-from runtime.observations import (
+from runtime.core.engine import Finding, Intent
+from runtime.core.ports import Fence, Outcome
+from runtime.model.catalog import REPAIR_ANNOTATION, Params, lookup
+from runtime.model.formats import Persona, Remedy, RepairPolicy
+from runtime.model.snapshot import (
     ApiProbe,
     ContainerObs,
     EventObs,

@@ -13,7 +13,7 @@ from pathlib import Path
 from bus.keys import Signer, generate_user_seed
 from lab import tools
 from lab.fleet import prepare_config
-from runtime.credentials import SEED_FILE
+from runtime.config.credentials import SEED_FILE
 from tests.conftest import REPO
 
 OPERATOR = tools.EXAMPLE_OPERATOR

@@ -21,28 +21,25 @@ import pytest
 from structlog.testing import capture_logs
 
 from bus.messages import Target
-from runtime.acting import (
+from runtime.agent.acting import Escalate
+from runtime.agent.loop import Agent, Exit, Timing, state_directory, supervise
+from runtime.agent.observing import Observing
+from runtime.config.loading import load
+from runtime.core.engine import Evaluation, PolicyEngine
+from runtime.core.ports import (
     Actuator,
     Actuators,
-    Escalate,
+    Domain,
     NoActuatorError,
+    Observed,
+    Observer,
     Outcome,
     unfenced,
 )
-from runtime.agent import Agent, Exit, Timing, state_directory, supervise
-from runtime.catalog import EscalateParams
-from runtime.config import Persona, RepairPolicy
-from runtime.engine import Evaluation, PolicyEngine
-from runtime.loading import load
-from runtime.notifying import Notifier
-from runtime.observations import Snapshot, SourceStatus, UnitObs
-from runtime.observing import (
+from runtime.host.notify import Notifier
+from runtime.host.observing import (
     ApiserverObserver,
-    Domain,
     HealthObserver,
-    Observed,
-    Observer,
-    Observing,
     UnitObserver,
     host_observers,
     parse_meminfo,
@@ -50,6 +47,9 @@ from runtime.observing import (
     parse_show,
     watched_units,
 )
+from runtime.model.catalog import EscalateParams
+from runtime.model.formats import Persona, RepairPolicy
+from runtime.model.snapshot import Snapshot, SourceStatus, UnitObs
 from tests.builders import T0, RecordingActuator, intent, persona, policy, probe, unit
 
 REPO = Path(__file__).resolve().parent.parent

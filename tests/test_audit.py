@@ -43,8 +43,8 @@ from bus.messages import (
 from bus.reading import Stored
 from lab import tools
 from lab.natsserver import NatsServer, free_ports
-from runtime.auditing import Violation, verify
-from runtime.cli import main
+from runtime.ops.audit import Violation, verify
+from runtime.ops.cli import main
 from tests.builders import T0
 from tests.keyed import keyed_config
 
@@ -535,9 +535,9 @@ def test_a_rule_nobody_can_check_is_flagged() -> None:
 
 
 def test_the_policy_in_configuration_checks_the_rule_at_its_digest() -> None:
-    from runtime.config import DEFAULT_FLEET
-    from runtime.engine import policy_digest
-    from runtime.loading import config_paths, load
+    from runtime.config.loading import config_paths, load
+    from runtime.core.engine import policy_digest
+    from runtime.model.formats import DEFAULT_FLEET
     from tests.conftest import REPO
 
     policy = load(config_paths(REPO)).policies["node-not-ready"].value

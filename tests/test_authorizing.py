@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bus.messages import Target
-from runtime.authorizing import Verdict, authorize
-from runtime.config import Persona
-from runtime.engine import Intent, PolicyEngine
-from runtime.scopes import allows
+from runtime.core.authorizing import Verdict, authorize
+from runtime.core.engine import Intent, PolicyEngine
+from runtime.model.formats import Persona
+from runtime.model.scopes import allows
 from tests.builders import deployment, node, peer, persona, pod, policy, snapshot
 
 EXECUTOR_DUTIES = ("propose", "vote", "execute")

@@ -23,21 +23,21 @@ import pytest
 from structlog.testing import capture_logs
 
 from bus.messages import Proposal, QuorumRule, Target
-from runtime.acting import Actuators
-from runtime.agent import Agent, Timing
+from runtime.agent.deliberating import Deliberator, Thinker, replay, thinker_for
+from runtime.agent.loop import Agent, Timing
+from runtime.agent.observing import Observing
 from runtime.brain import choosing
 from runtime.brain.asking import BrainUnavailableError, TokenBudget
 from runtime.brain.choosing import Case, ToolCall, choose, tool_definition
-from runtime.brain.deliberating import Deliberator, Thinker, replay, thinker_for
 from runtime.brain.prompting import estimate_tokens, trim
-from runtime.catalog import CATALOG
-from runtime.cli import main
-from runtime.config import AnthropicBrain
-from runtime.engine import Evaluation, PolicyEngine
-from runtime.loading import ConfigSet, config_paths, load
-from runtime.notifying import Notifier
-from runtime.observations import EventObs, NodeCondition, NodeObs, Snapshot, SourceStatus
-from runtime.observing import Domain, Observed, Observing
+from runtime.config.loading import ConfigSet, config_paths, load
+from runtime.core.engine import Evaluation, PolicyEngine
+from runtime.core.ports import Actuators, Domain, Observed
+from runtime.host.notify import Notifier
+from runtime.model.catalog import CATALOG
+from runtime.model.formats import AnthropicBrain
+from runtime.model.snapshot import EventObs, NodeCondition, NodeObs, Snapshot, SourceStatus
+from runtime.ops.cli import main
 from tests.builders import RecordingActuator
 from tests.conftest import REPO
 from tests.messages_api import Error, MessagesApi, Slow, messages_api_server, reply, text, tool_use
@@ -591,7 +591,7 @@ def test_every_shipped_persona_has_a_golden_prompt_and_nothing_else_does() -> No
 def test_the_sdk_is_imported_only_when_a_model_is_asked() -> None:
     # It takes longer to import than the rest of the agent: a rules-brain agent (and
     # every CLI call) must not pay for it on its way to READY=1.
-    probe = "import sys, runtime.cli, runtime.agent; print('anthropic' in sys.modules)"
+    probe = "import sys, runtime.ops.cli, runtime.agent.loop; print('anthropic' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True, cwd=REPO)
     assert loaded.stdout.strip() == "False"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from bus.messages import Target, TargetKind
-from runtime.catalog import (
+from runtime.model.catalog import (
     CATALOG,
     DESTRUCTIVE_MIN_APPROVALS,
     Action,
@@ -20,8 +20,8 @@ from runtime.catalog import (
     UnknownActionError,
     lookup,
 )
-from runtime.config import Remedy
-from runtime.scopes import allows, check_known
+from runtime.model.formats import Remedy
+from runtime.model.scopes import allows, check_known
 
 # Params a test needs to build each action; a params model with a new required
 # field makes the tests below fail until it gets an example here.

@@ -11,8 +11,9 @@ import pytest
 import structlog
 
 from bus.subjects import PERSONA_NAME
-from runtime import __version__, logs
-from runtime.cli import config_dir, main, render_sysusers
+from runtime import __version__
+from runtime.agent import logs
+from runtime.ops.cli import config_dir, main, render_sysusers
 from tests.builders import persona
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from runtime.catalog import DESTRUCTIVE_MIN_APPROVALS, lookup
-from runtime.config import DEFAULT_FLEET, Fleet, Persona, Remedy, RepairPolicy
-from runtime.durations import Duration, format_duration, parse_duration
+from runtime.model.catalog import DESTRUCTIVE_MIN_APPROVALS, lookup
+from runtime.model.durations import Duration, format_duration, parse_duration
+from runtime.model.formats import DEFAULT_FLEET, Fleet, Persona, Remedy, RepairPolicy
 
 EXPECTED_FORMAT = "expected a duration like 500ms, 15s, 2m, 1h30m or 1d"
 

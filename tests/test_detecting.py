@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from bus.messages import Target
-from runtime.config import Detect, Expectation
-from runtime.detecting import APISERVER, Detection, detect, expectation_met
-from runtime.observations import EventObs, NodeObs, PodObs, Snapshot, UnitObs
+from runtime.core.detecting import APISERVER, Detection, detect, expectation_met
+from runtime.model.formats import Detect, Expectation
+from runtime.model.snapshot import EventObs, NodeObs, PodObs, Snapshot, UnitObs
 from tests.builders import (
     HOST,
     at,

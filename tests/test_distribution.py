@@ -55,7 +55,7 @@ def test_the_wheel_holds_the_product_and_no_lab(wheel: Path) -> None:
     assert tops == {"runtime", "bus", f"{wheel.name.split('-')[0]}-0.1.0.dist-info"}, tops
     modules = {Path(n).stem for n in names if n.endswith(".py")}
     assert not modules & LAB_MODULES, modules & LAB_MODULES
-    assert "runtime/templates/unit.conf.j2" in names  # package data still ships
+    assert "runtime/ops/render/templates/unit.conf.j2" in names  # package data still ships
 
 
 def test_the_wheel_requires_no_rich(wheel: Path) -> None:

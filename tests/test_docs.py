@@ -10,10 +10,10 @@ import pytest
 from pydantic import BaseModel
 
 from bus.messages import Target
-from runtime import config
-from runtime.catalog import CATALOG, Action, UnitParams
-from runtime.loading import load
-from runtime.scopes import NEVER_GRANTED, TIER_SCOPES, VOCABULARY, Tier
+from runtime.config.loading import load
+from runtime.model import formats as config
+from runtime.model.catalog import CATALOG, Action, UnitParams
+from runtime.model.scopes import NEVER_GRANTED, TIER_SCOPES, VOCABULARY, Tier
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

@@ -33,9 +33,10 @@ import pytest
 from ruamel.yaml import YAML
 
 from lab.natsserver import NatsServer
-from runtime import catalog, config
-from runtime.config import Remedy
-from runtime.loading import load
+from runtime.config.loading import load
+from runtime.model import catalog
+from runtime.model import formats as config
+from runtime.model.formats import Remedy
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -24,9 +24,9 @@ from lab.controlplane import ControlPlane
 from lab.fleet import AgentFleet, wait_until
 from lab.natsserver import NatsServer
 from lab.nodesim import JsonApi, NodeSimulator
-from runtime import auditing
-from runtime.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION
-from runtime.cluster.acting import RESTARTED_AT
+from runtime.kube.acting import RESTARTED_AT
+from runtime.model.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION
+from runtime.ops import audit as auditing
 from tests.conftest import REPO
 from tests.k8s import admin_api, admin_json, deployment
 from tests.test_fleet_quorum import NAMES

@@ -17,10 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus.messages import Target
-from runtime.authorizing import authorize
-from runtime.catalog import CATALOG, UnitParams, lookup
-from runtime.config import DEFAULT_FLEET, Quorum, RepairPolicy
-from runtime.engine import (
+from runtime.config.loading import load
+from runtime.core.authorizing import authorize
+from runtime.core.engine import (
     BreakerReset,
     BreakerTripped,
     Evaluation,
@@ -35,8 +34,9 @@ from runtime.engine import (
     policy_digest,
     resolve_target,
 )
-from runtime.loading import load
-from runtime.observations import NodeObs
+from runtime.model.catalog import CATALOG, UnitParams, lookup
+from runtime.model.formats import DEFAULT_FLEET, Quorum, RepairPolicy
+from runtime.model.snapshot import NodeObs
 from tests.builders import (
     HOST,
     at,

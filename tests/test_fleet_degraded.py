@@ -20,12 +20,12 @@ from bus.keys import Signer
 from bus.messages import Control, Result, Target
 from lab.fleet import prepare_config
 from lab.natsserver import NatsServer
-from runtime.acting import Outcome
-from runtime.agent import Agent, build
-from runtime.credentials import CredentialError, load_signer, write_seed
-from runtime.loading import config_paths, load
-from runtime.observations import ApiProbe, SourceStatus, UnitObs
-from runtime.observing import Domain, Observed, Observer, Observing
+from runtime.agent.loop import Agent, build
+from runtime.agent.observing import Observing
+from runtime.config.credentials import CredentialError, load_signer, write_seed
+from runtime.config.loading import config_paths, load
+from runtime.core.ports import Domain, Observed, Observer, Outcome
+from runtime.model.snapshot import ApiProbe, SourceStatus, UnitObs
 from tests.builders import RecordingActuator
 from tests.conftest import REPO
 from tests.test_fleet_quorum import NAMES, Fleet, _audit, _closed_port, _until

@@ -29,14 +29,14 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import Vote
 from lab.fleet import prepare_config
 from lab.natsserver import NatsServer, free_ports
-from runtime.acting import Outcome
-from runtime.agent import Agent, build
-from runtime.config import PeerSilentDetect
-from runtime.coordinating import BusObserver
-from runtime.detecting import detect
-from runtime.loading import config_paths, load
-from runtime.observations import ApiProbe, Snapshot, SourceStatus
-from runtime.observing import Domain, Observed, Observing
+from runtime.agent.coordinating import BusObserver
+from runtime.agent.loop import Agent, build
+from runtime.agent.observing import Observing
+from runtime.config.loading import config_paths, load
+from runtime.core.detecting import detect
+from runtime.core.ports import Domain, Observed, Outcome
+from runtime.model.formats import PeerSilentDetect
+from runtime.model.snapshot import ApiProbe, Snapshot, SourceStatus
 from tests.builders import RecordingActuator
 from tests.conftest import REPO
 

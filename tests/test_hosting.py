@@ -18,12 +18,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from bus.messages import Target
-from runtime.acting import Actuator, Fence, Outcome, run_actuator, unfenced
-from runtime.agent import build
-from runtime.catalog import UnitParams
-from runtime.config import Persona
-from runtime.engine import Intent
-from runtime.hosting import (
+from runtime.agent.acting import run_actuator
+from runtime.agent.loop import build
+from runtime.config.loading import config_paths, load
+from runtime.core.engine import Intent
+from runtime.core.ports import Actuator, Fence, Outcome, unfenced
+from runtime.host.acting import (
     POLKIT_DENIALS,
     PeerRestart,
     Reboot,
@@ -31,8 +31,9 @@ from runtime.hosting import (
     UnitChange,
     host_actuators,
 )
-from runtime.loading import config_paths, load
-from runtime.observing import UnitObserver
+from runtime.host.observing import UnitObserver
+from runtime.model.catalog import UnitParams
+from runtime.model.formats import Persona
 from tests.builders import T0, intent, persona, stale
 
 HOST = "cp-1"

@@ -29,15 +29,9 @@ from structlog.testing import capture_logs
 from bus.messages import Target
 from lab.controlplane import ControlPlane
 from lab.nodesim import NodeSimulator
-from runtime.acting import Outcome, unfenced
-from runtime.catalog import (
-    CATALOG,
-    PERSONA_ANNOTATION,
-    REPAIR_ANNOTATION,
-    DrainParams,
-    PodDeleteParams,
-)
-from runtime.cluster.acting import (
+from runtime.core.engine import Intent
+from runtime.core.ports import Outcome, unfenced
+from runtime.kube.acting import (
     CONFLICT_ATTEMPTS,
     RESTARTED_AT,
     ClientApi,
@@ -56,8 +50,14 @@ from runtime.cluster.acting import (
     kubernetes_actuators,
     plan_drain,
 )
-from runtime.cluster.observing import KubeconfigError
-from runtime.engine import Intent
+from runtime.kube.observing import KubeconfigError
+from runtime.model.catalog import (
+    CATALOG,
+    PERSONA_ANNOTATION,
+    REPAIR_ANNOTATION,
+    DrainParams,
+    PodDeleteParams,
+)
 from tests.builders import intent, persona, stale
 from tests.k8s import NOBODY, admin_api
 

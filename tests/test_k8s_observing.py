@@ -26,8 +26,11 @@ from structlog.testing import capture_logs
 from bus.messages import Target
 from lab.controlplane import ControlPlane
 from lab.nodesim import NodeSimulator
-from runtime.agent import Agent, build
-from runtime.cluster.observing import (
+from runtime.agent.loop import Agent, build
+from runtime.config.loading import load
+from runtime.core.ports import Observed
+from runtime.host.observing import ApiserverObserver, host_observers
+from runtime.kube.observing import (
     RESOURCES,
     Cache,
     KubernetesObserver,
@@ -38,8 +41,7 @@ from runtime.cluster.observing import (
     node_obs,
     pod_obs,
 )
-from runtime.loading import load
-from runtime.observations import (
+from runtime.model.snapshot import (
     ApiProbe,
     ContainerObs,
     EventObs,
@@ -48,7 +50,6 @@ from runtime.observations import (
     PodObs,
     SourceStatus,
 )
-from runtime.observing import ApiserverObserver, Observed, host_observers
 from tests.builders import T0, at
 from tests.conftest import REPO
 from tests.k8s import admin_json, deployment

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from bus.keys import Signer
-from runtime.cli import main
-from runtime.credentials import SEED_FILE, load_signer
-from runtime.loading import config_paths, load
-from runtime.operating import OperatingError, set_persona_key
+from runtime.config.credentials import SEED_FILE, load_signer
+from runtime.config.loading import config_paths, load
+from runtime.ops.cli import main
+from runtime.ops.controls import OperatingError, set_persona_key
 
 NEW_KEY = "UDRCYTEQGYGIHJ5CBPEZQTTFNYPYJESIOFSKUGX4SQ2DIRHEI75NFVA2"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import (
+from runtime.config.loading import ConfigError, ConfigInvalidError, ConfigSet, load
+from runtime.model.formats import (
     ApiserverUnreachableDetect,
     CordonWithoutOwnerDetect,
     NodeConditionDetect,
@@ -17,7 +18,6 @@ from runtime.config import (
     StaleLeaseDetect,
     UnitFailedDetect,
 )
-from runtime.loading import ConfigError, ConfigInvalidError, ConfigSet, load
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = (REPO / "personas", REPO / "policies")

@@ -27,14 +27,14 @@ from bus.journal import Journal
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
 from lab.natsserver import free_ports
-from runtime.acting import Actuators, Outcome
+from runtime.agent.coordinating import Coordinator
+from runtime.agent.metrics import Endpoint, Metrics, listen_address, serve, start
 from runtime.brain.asking import BrainUnavailableError
-from runtime.config import Persona, TcpListen, UnixListen, parse_listen
-from runtime.coordinating import Coordinator
-from runtime.engine import PolicyEngine
-from runtime.loading import ConfigSet, config_paths, load
-from runtime.metrics import Endpoint, Metrics, listen_address, serve, start
-from runtime.rendering import render_unit
+from runtime.config.loading import ConfigSet, config_paths, load
+from runtime.core.engine import PolicyEngine
+from runtime.core.ports import Actuators, Outcome
+from runtime.model.formats import Persona, TcpListen, UnixListen, parse_listen
+from runtime.ops.render.units import render_unit
 from tests.builders import RecordingActuator, policy, unit
 from tests.messages_api import Error, MessagesApi, messages_api_server, reply, text
 from tests.test_agent import (

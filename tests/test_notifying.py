@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from runtime.notifying import Notifier, watchdog_interval
+from runtime.host.notify import Notifier, watchdog_interval
 
 
 @pytest.fixture

@@ -24,11 +24,11 @@ from bus.jetstream import AUDIT_STREAM
 from bus.keys import generate_user_seed
 from bus.messages import Control
 from lab.natsserver import NatsServer
-from runtime.cli import main
-from runtime.credentials import SEED_FILE
-from runtime.loading import config_paths, load
-from runtime.operating import connect_within
-from runtime.permissions import render_nats
+from runtime.config.credentials import SEED_FILE
+from runtime.config.loading import config_paths, load
+from runtime.ops.cli import main
+from runtime.ops.controls import connect_within
+from runtime.ops.render.nats import render_nats
 
 OPERATOR = "oncall"
 

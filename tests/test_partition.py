@@ -66,7 +66,8 @@ from bus.jetstream import AUDIT_STREAM
 from bus.reading import Stored
 from lab.fleet import AgentProcess, prepare_config, stop_agents, wait_until
 from lab.natsserver import NatsCluster, NatsServer, NatsServerError
-from runtime import auditing, logs
+from runtime.agent import logs
+from runtime.ops import audit as auditing
 from tests.conftest import REPO
 from tests.netns import Host, NetnsError, Network, prerequisites
 from tests.prereq import missing

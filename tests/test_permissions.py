@@ -37,14 +37,14 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import Control, Heartbeat, Proposal, QuorumRule, Target, Vote
 from lab.fleet import init_bus, prepare_config
 from lab.natsserver import NatsServer, binary, free_ports
-from runtime import auditing
-from runtime.acting import Outcome
-from runtime.agent import build
-from runtime.config import BusUser
-from runtime.credentials import SEED_FILE, write_seed
-from runtime.loading import ConfigSet, config_paths, load
-from runtime.operating import connect_within
-from runtime.permissions import (
+from runtime.agent.loop import build
+from runtime.config.credentials import SEED_FILE, write_seed
+from runtime.config.loading import ConfigSet, config_paths, load
+from runtime.core.ports import Outcome
+from runtime.model.formats import BusUser
+from runtime.ops import audit as auditing
+from runtime.ops.controls import connect_within
+from runtime.ops.render.nats import (
     DuplicateKeyError,
     lease_kinds,
     lease_subjects,

@@ -43,12 +43,12 @@ from bus.protocol import ASSESS_BURST, ASSESS_IN_FLIGHT, ASSESS_RATE, _Allowance
 from bus.quorum import Ballot, Rule, tally
 from lab.fleet import AgentProcess, prepare_config, start_agent, stop_agents, wait_until
 from lab.natsserver import NatsServer
-from runtime.agent import Agent, build
-from runtime.coordinating import FreezeState
-from runtime.credentials import SEED_FILE, write_seed
-from runtime.engine import policy_digest
-from runtime.loading import ConfigSet, config_paths, load
-from runtime.watching import describe
+from runtime.agent.coordinating import FreezeState
+from runtime.agent.loop import Agent, build
+from runtime.config.credentials import SEED_FILE, write_seed
+from runtime.config.loading import ConfigSet, config_paths, load
+from runtime.core.engine import policy_digest
+from runtime.ops.watch import describe
 from tests.conftest import REPO
 from tests.test_fleet_quorum import NAMES, _closed_port, _until
 

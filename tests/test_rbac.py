@@ -24,11 +24,15 @@ from bus.messages import Target
 from lab.controlplane import ControlPlane
 from lab.fleet import apply_rbac
 from lab.nodesim import NodeSimulator, api_client
-from runtime.authorizing import authorize
-from runtime.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION, DrainParams
-from runtime.cli import main
-from runtime.cluster.acting import ClientApi, KubeApi, kubernetes_actuators
-from runtime.cluster.rbac import (
+from runtime.config.loading import ConfigSet, config_paths, load
+from runtime.core.authorizing import authorize
+from runtime.core.engine import Intent
+from runtime.kube.acting import ClientApi, KubeApi, kubernetes_actuators
+from runtime.model.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION, DrainParams
+from runtime.model.formats import Persona
+from runtime.model.scopes import VOCABULARY, allows
+from runtime.ops.cli import main
+from runtime.ops.render.rbac import (
     API_GROUPS,
     NEEDS,
     READ_VERBS,
@@ -38,10 +42,6 @@ from runtime.cluster.rbac import (
     render_rbac,
     role_name,
 )
-from runtime.config import Persona
-from runtime.engine import Intent
-from runtime.loading import ConfigSet, config_paths, load
-from runtime.scopes import VOCABULARY, allows
 from tests.builders import intent
 from tests.k8s import admin_api
 from tests.test_k8s_acting import labelled, wait_for

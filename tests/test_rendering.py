@@ -19,12 +19,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.cli import main
-from runtime.config import Persona
-from runtime.hosting import AGENT_UNIT, unit_name_error
-from runtime.loading import ConfigSet, config_paths, load
-from runtime.rendering import host_grants, polkit_file, render_polkit, render_unit
-from runtime.scopes import allows
+from runtime.config.loading import ConfigSet, config_paths, load
+from runtime.host.acting import AGENT_UNIT, unit_name_error
+from runtime.model.formats import Persona
+from runtime.model.scopes import allows
+from runtime.ops.cli import main
+from runtime.ops.render.units import host_grants, polkit_file, render_polkit, render_unit
 from tests.builders import persona, policy
 from tests.prereq import missing
 

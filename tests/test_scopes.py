@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from runtime.scopes import (
+from runtime.model.scopes import (
     DOMAINS,
     NEVER_GRANTED,
     TIER_SCOPES,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import build_parser, main
-from runtime.credentials import SEED_FILE
+from runtime.config.credentials import SEED_FILE
+from runtime.ops.cli import build_parser, main
 from tests.prereq import missing
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,9 +18,9 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import BODIES, Heartbeat, Vote
 from lab import tools
 from lab.natsserver import NatsServer, free_ports
-from runtime.cli import load_config_dir
-from runtime.coordinating import Roster
-from runtime.watching import FORGET_AFTER, View, describe, json_line
+from runtime.agent.coordinating import Roster
+from runtime.ops.cli import load_config_dir
+from runtime.ops.watch import FORGET_AFTER, View, describe, json_line
 from tests.conftest import REPO
 from tests.keyed import OPERATOR, keyed_config
 

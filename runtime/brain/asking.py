@@ -21,8 +21,8 @@ import structlog
 
 from runtime.brain.choosing import ToolCall
 from runtime.brain.prompting import Prompt
-from runtime.config import AnthropicBrain, Fleet, Persona
-from runtime.credentials import credential_path
+from runtime.config.credentials import credential_path
+from runtime.model.formats import AnthropicBrain, Fleet, Persona
 
 if TYPE_CHECKING:
     # Imported where a model is asked, not here: the SDK takes longer to import than

@@ -18,10 +18,10 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus.messages import Target
-from runtime.catalog import CATALOG, Action, Params, lookup
-from runtime.config import Persona, RepairPolicy
-from runtime.engine import Intent, resolve_target
-from runtime.scopes import ScopeError, allows
+from runtime.core.engine import Intent, resolve_target
+from runtime.model.catalog import CATALOG, Action, Params, lookup
+from runtime.model.formats import Persona, RepairPolicy
+from runtime.model.scopes import ScopeError, allows
 
 P = TypeVar("P", bound=Params)
 

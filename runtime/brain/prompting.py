@@ -24,15 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from runtime.brain.choosing import Case, tool_name
-from runtime.catalog import Action
-from runtime.config import Persona, RepairPolicy
-from runtime.engine import Finding
-from runtime.observations import Snapshot
+from runtime.config.templates import INCIDENT_TEMPLATE, environment
+from runtime.core.engine import Finding
+from runtime.model.catalog import Action
+from runtime.model.formats import Persona, RepairPolicy
+from runtime.model.snapshot import Snapshot
 
-INCIDENT_TEMPLATE = "incident.prompt.j2"
 VOTE_TEMPLATE = "vote.prompt.j2"
 CLIP = 300  # characters kept of any one observed string: logs and annotations can be huge
 DOMAINS = ("nodes", "events", "pods", "units", "apiserver", "peers", "leases")
@@ -50,29 +48,6 @@ class Prompt:
 
     def __str__(self) -> str:
         return f"=== system ===\n{self.system}\n=== user ===\n{self.user}"
-
-
-def _environment(directory: Path) -> jinja2.Environment:
-    # Plain text for a model, not HTML: escaping would mangle JSON and quotes.
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(directory), undefined=jinja2.StrictUndefined,
-        autoescape=False,  # noqa: S701
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-
-
-def check_template(path: Path) -> str | None:
-    """Why the persona's template cannot be used (missing, or not valid Jinja2), or None."""
-    if not path.is_file():
-        return f"prompt template {path} does not exist"
-    environment = _environment(path.parent)
-    for name in (path.name, INCIDENT_TEMPLATE):
-        try:
-            environment.get_template(name)
-        except jinja2.TemplateNotFound as exc:
-            return f"prompt template {path.parent / str(exc)} does not exist"
-        except jinja2.TemplateSyntaxError as exc:
-            return f"{exc.filename}:{exc.lineno}: not a valid Jinja2 template: {exc.message}"
-    return None
 
 
 def _clip(value: Any) -> Any:
@@ -189,6 +164,6 @@ def render(directory: Path, template: str, variables: Mapping[str, Any], *,
     The system templates may use only ``persona`` and ``actions``: the same system
     prompt serves a deliberation (``incident.prompt.j2``) and a vote (``vote.prompt.j2``).
     """
-    environment = _environment(directory)
-    return Prompt(environment.get_template(template).render(variables).strip() + "\n",
-                  environment.get_template(message).render(variables).strip() + "\n")
+    templates = environment(directory)
+    return Prompt(templates.get_template(template).render(variables).strip() + "\n",
+                  templates.get_template(message).render(variables).strip() + "\n")

@@ -1,0 +1,3 @@
+"""One persona's process: the loop, the bus link and voter, observing, acting,
+deliberation, metrics and logs.
+"""

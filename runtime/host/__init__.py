@@ -1,0 +1,3 @@
+"""Every call to systemd and the host: unit and health observers, host actuators,
+sd_notify.
+"""

@@ -1,0 +1,2 @@
+"""Every call to the Kubernetes API server: the watch observer and the actuators.
+"""

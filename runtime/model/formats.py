@@ -1,0 +1,449 @@
+"""The operator-facing file formats: Persona, RepairPolicy and Fleet (``apiVersion: zeta/v1``).
+
+Every model forbids unknown fields, so a misspelled key is an error with a line
+number (see ``runtime.config.loading``) instead of a setting that silently does nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from bus.keys import check_user_public_key
+from bus.subjects import PERSONA_NAME
+from runtime.model import scopes as scoping
+from runtime.model.catalog import DESTRUCTIVE_MIN_APPROVALS, Params, UnknownActionError, lookup
+from runtime.model.durations import Duration
+
+API_VERSION = "zeta/v1"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+PersonaName = Annotated[str, Field(pattern=PERSONA_NAME.pattern)]
+Scope = Annotated[str, AfterValidator(scoping.check_known)]
+UserKey = Annotated[str, AfterValidator(check_user_public_key)]
+PolicyName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+
+
+class Metadata(Model):
+    name: str
+
+
+class PersonaMetadata(Model):
+    name: PersonaName
+
+
+class PolicyMetadata(Model):
+    name: PolicyName
+
+
+# ---------------------------------------------------------------- persona
+
+
+class KubernetesIdentity(Model):
+    user: str = Field(pattern=r"^[a-z0-9][a-z0-9.:-]*$")
+
+
+class Identity(Model):
+    nkey: UserKey
+    kubernetes: KubernetesIdentity
+
+
+Duty = Literal["propose", "vote", "execute", "veto"]
+
+
+class RulesBrain(Model):
+    """Deterministic: the policy engine's escalation ladder decides (the default)."""
+
+    kind: Literal["rules"] = "rules"
+
+
+class AnthropicBrain(Model):
+    """A model picks among the ladder's steps; the rules brain decides whenever it cannot.
+
+    Every setting has a default so ``zeta-agent think`` can try a persona whose brain
+    is still ``rules``; the key is never here (``anthropic-api-key`` credential).
+    """
+
+    kind: Literal["anthropic"]
+    model: str = Field(default="claude-sonnet-4-6", min_length=1)
+    prompt: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.j2$",
+        description="Jinja2 template next to the persona file; default <persona>.prompt.j2.")
+    maxTokens: int = Field(default=1024, ge=64, le=32_000)  # noqa: N815
+    timeout: Duration = Field(
+        default=timedelta(seconds=20),
+        description="Deadline of one deliberation, retries and retry-after waits included.")
+    retries: int = Field(default=2, ge=0, le=5,
+                         description="Further attempts after a rate limit, 5xx or lost connection.")
+    observationTokens: int = Field(  # noqa: N815
+        default=4000, ge=200, le=100_000,
+        description="Estimated tokens of observations in the prompt; the rest is left out.")
+    tokenBudgetPerHour: int = Field(  # noqa: N815
+        default=200_000, ge=1000,
+        description="Input plus output tokens per trailing hour; over it, rules only.")
+
+    @field_validator("timeout")
+    @classmethod
+    def _bounded(cls, timeout: timedelta) -> timedelta:
+        # A deliberation holds its findings' repairs back; past a minute the rules
+        # brain's answer is worth more than a late model's.
+        if not timedelta(seconds=1) <= timeout <= timedelta(seconds=60):
+            raise ValueError("timeout must be between 1s and 60s")
+        return timeout
+
+    def template(self, persona: str) -> str:
+        """The prompt template's file name."""
+        return self.prompt or f"{persona}.prompt.j2"
+
+
+Brain = Annotated[RulesBrain | AnthropicBrain, Field(discriminator="kind")]
+
+UNIX_SOCKET = "unix:"
+_SUN_PATH_MAX = 107  # bytes of sockaddr_un.sun_path on Linux, less the terminating NUL
+
+
+@dataclass(frozen=True)
+class TcpListen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixListen:
+    path: PurePosixPath
+
+    def __str__(self) -> str:
+        return f"{UNIX_SOCKET}{self.path}"
+
+
+def parse_listen(text: str) -> TcpListen | UnixListen:
+    """``IP:PORT`` (``[IPv6]:PORT``) on a loopback address, or ``unix:/absolute/path``.
+
+    Loopback only: the agent opens no port the network can reach (its unit allows
+    AF_INET for the bus and the API server, not for serving); a collector on the host,
+    or a proxy the operator chooses, carries metrics further.
+    """
+    if text.startswith(UNIX_SOCKET):
+        path = PurePosixPath(text.removeprefix(UNIX_SOCKET))
+        if not path.is_absolute():
+            raise ValueError(f"{text!r}: a unix socket path must be absolute")
+        if len(str(path).encode()) > _SUN_PATH_MAX:
+            raise ValueError(f"{text!r}: a unix socket path has at most {_SUN_PATH_MAX} bytes")
+        return UnixListen(path)
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is neither IP:PORT nor unix:/PATH")
+    bare = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (write 127.0.0.1, not a name)") from None
+    if not address.is_loopback:
+        raise ValueError(f"{bare} is not a loopback address: metrics stay on this host")
+    return TcpListen(bare, int(port))
+
+
+def _check_listen(text: str) -> str:
+    parse_listen(text)
+    return text
+
+
+class MetricsSpec(Model):
+    """Where the agent serves Prometheus metrics; no ``metrics:`` means none are served."""
+
+    listen: Annotated[str, AfterValidator(_check_listen)] = Field(
+        description="127.0.0.1:PORT, [::1]:PORT or unix:/absolute/path.")
+
+
+class PersonaSpec(Model):
+    displayName: str = Field(min_length=1)  # noqa: N815
+    role: str = Field(min_length=1)
+    description: str = ""
+    identity: Identity
+    tier: scoping.Tier
+    scopes: tuple[Scope, ...] = ()
+    duties: tuple[Duty, ...] = Field(min_length=1)
+    policies: tuple[PolicyName, ...] = ()
+    tick: Duration = timedelta(seconds=15)
+    brain: Brain = RulesBrain()
+    metrics: MetricsSpec | None = None
+
+    @field_validator("tier")
+    @classmethod
+    def _grantable(cls, tier: scoping.Tier) -> scoping.Tier:
+        # A field validator, not the model one below, so the error points at `tier:`.
+        if tier in scoping.NEVER_GRANTED:
+            raise ValueError(f"tier {tier.value!r} is never granted to a daemon")
+        return tier
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        granted = self.effective_scopes
+        needs = {"propose": "bus:propose", "vote": "bus:vote", "veto": "bus:veto"}
+        for duty in self.duties:
+            scope = needs.get(duty)
+            if scope and not scoping.allows(granted, scope):
+                raise ValueError(f"duty {duty!r} needs scope {scope!r}, which the persona lacks")
+        if len(set(self.duties)) != len(self.duties):
+            raise ValueError("duties are listed more than once")
+        if self.tick < timedelta(seconds=1):
+            raise ValueError("tick must be at least 1s")
+        return self
+
+    @property
+    def effective_scopes(self) -> tuple[str, ...]:
+        return scoping.effective_scopes(self.tier, self.scopes)
+
+
+class Persona(Model):
+    """One agent: who it is, what it may do, which policies it runs."""
+
+    apiVersion: Literal["zeta/v1"]  # noqa: N815 (Kubernetes-style wire names)
+    kind: Literal["Persona"]
+    metadata: PersonaMetadata
+    spec: PersonaSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+
+# ---------------------------------------------------------------- policy: detectors
+
+
+class _Detect(Model):
+    for_: Duration = Field(default=timedelta(0), alias="for",
+                           description="The condition must hold this long before a finding opens.")
+
+
+class NodeConditionDetect(_Detect):
+    kind: Literal["node-condition"]
+    condition: str = "Ready"
+    status: tuple[Literal["True", "False", "Unknown"], ...] = ("False", "Unknown")
+    selector: dict[str, str] = Field(default_factory=dict, description="Node labels to match.")
+
+
+class PodCrashloopDetect(_Detect):
+    kind: Literal["pod-crashloop"]
+    minRestarts: int = Field(default=3, ge=1)  # noqa: N815
+    namespaces: tuple[str, ...] = ()
+
+
+class ApiserverUnreachableDetect(_Detect):
+    kind: Literal["apiserver-unreachable"]
+    minPaths: int = Field(default=2, ge=1,  # noqa: N815
+                          description="Independent probe paths that must all fail.")
+
+
+class UnitFailedDetect(_Detect):
+    kind: Literal["unit-failed"]
+    units: tuple[str, ...] = Field(min_length=1)
+    states: tuple[Literal["failed", "inactive"], ...] = ("failed",)
+
+
+class PeerSilentDetect(_Detect):
+    kind: Literal["peer-silent"]
+    silentAfter: Duration = timedelta(seconds=30)  # noqa: N815
+
+
+class CordonWithoutOwnerDetect(_Detect):
+    kind: Literal["cordon-without-owner"]
+
+
+class StaleLeaseDetect(_Detect):
+    kind: Literal["stale-lease"]
+    grace: Duration = timedelta(seconds=30)
+
+
+Detect = Annotated[
+    NodeConditionDetect | PodCrashloopDetect | ApiserverUnreachableDetect | UnitFailedDetect
+    | PeerSilentDetect | CordonWithoutOwnerDetect | StaleLeaseDetect,
+    Field(discriminator="kind"),
+]
+
+
+# ---------------------------------------------------------------- policy: remedies
+
+Expectation = Literal["finding-cleared", "node-ready", "unit-active", "pod-ready",
+                      "apiserver-reachable", "peer-heartbeat"]
+
+
+class Verify(Model):
+    within: Duration
+    expect: Expectation = "finding-cleared"
+
+
+class Quorum(Model):
+    approvals: int = Field(ge=1, le=32)
+    veto: tuple[PersonaName, ...] = ()
+    deadline: Duration = timedelta(seconds=30)
+
+
+class Remedy(Model):
+    # Field order matters: the validators of `params` and `quorum` read `action`
+    # and `destructive`, which pydantic has validated by then.
+    action: str
+    destructive: bool | None = Field(
+        default=None, description="Only `true` is allowed on a non-destructive action.")
+    params: dict[str, Any] = Field(default_factory=dict)
+    verify: Verify | None = None
+    quorum: Quorum | None = None
+
+    @field_validator("action")
+    @classmethod
+    def _in_catalog(cls, action: str) -> str:
+        try:
+            lookup(action)
+        except UnknownActionError as exc:
+            raise ValueError(exc.args[0]) from None
+        return action
+
+    @field_validator("destructive")
+    @classmethod
+    def _not_below_floor(cls, destructive: bool | None, info: ValidationInfo) -> bool | None:
+        action = info.data.get("action")
+        if destructive is False and action and lookup(action).destructive:
+            raise ValueError(f"{action} is destructive; a policy may not mark it non-destructive")
+        return destructive
+
+    @field_validator("params")
+    @classmethod
+    def _typed(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        action = info.data.get("action")
+        if action:
+            try:
+                lookup(action).params.model_validate(params)
+            except ValidationError as exc:
+                raise ValueError("; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}"
+                    for e in exc.errors())) from None
+        return params
+
+    @field_validator("quorum")
+    @classmethod
+    def _quorum_floor(cls, quorum: Quorum | None, info: ValidationInfo) -> Quorum | None:
+        action = info.data.get("action")
+        if quorum is None or not action:
+            return quorum
+        floor = lookup(action).min_approvals
+        if info.data.get("destructive"):
+            floor = max(floor, DESTRUCTIVE_MIN_APPROVALS)
+        if quorum.approvals < floor:
+            raise ValueError(
+                f"approvals {quorum.approvals} is looser than the floor of {action} ({floor})")
+        return quorum
+
+    @property
+    def is_destructive(self) -> bool:
+        return lookup(self.action).destructive or bool(self.destructive)
+
+    def typed_params(self) -> Params:
+        return lookup(self.action).params.model_validate(self.params)
+
+
+class Budget(Model):
+    maxInFlight: int = Field(default=1, ge=1)  # noqa: N815
+    perHour: int = Field(default=6, ge=1)  # noqa: N815
+    maxUnhealthyFraction: float | None = Field(default=None, gt=0, le=1)  # noqa: N815
+
+
+class PolicySpec(Model):
+    description: str = ""
+    detect: Detect
+    remedies: tuple[Remedy, ...] = Field(min_length=1)
+    budget: Budget = Budget()
+    cooldown: Duration = timedelta(minutes=10)
+    mode: Literal["enforce", "dry-run"] = "enforce"
+
+
+class RepairPolicy(Model):
+    apiVersion: Literal["zeta/v1"]  # noqa: N815
+    kind: Literal["RepairPolicy"]
+    metadata: PolicyMetadata
+    spec: PolicySpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# ---------------------------------------------------------------- fleet
+
+
+class BusSettings(Model):
+    urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    auditReplicas: int = Field(default=1, ge=1, le=5)  # noqa: N815
+    auditMaxAge: Duration = timedelta(days=90)  # noqa: N815
+    freshness: Duration = Field(
+        default=timedelta(seconds=30),
+        description="Messages stamped further than this from now are dropped as stale.")
+    leaseTtl: Duration = Field(  # noqa: N815
+        default=timedelta(minutes=30),
+        description="A repair lease nobody released expires after this long.")
+
+
+class BusUser(Model):
+    """A person or tool on the bus that is not a persona: an operator or a watcher."""
+
+    name: PersonaName
+    nkey: UserKey
+
+
+class FleetSpec(Model):
+    bus: BusSettings = BusSettings()
+    operators: tuple[BusUser, ...] = Field(
+        default=(), description="May sign freeze, thaw and breaker-reset controls.")
+    watchers: tuple[BusUser, ...] = Field(
+        default=(), description="May read the bus (nats sub 'zeta.>') and publish nothing.")
+    credentialsDir: str = Field(  # noqa: N815
+        default="/etc/zeta/credentials",
+        description="Outside systemd, secrets are read from <credentialsDir>/<persona>/.")
+    quorum: Quorum = Quorum(approvals=3, veto=("riven",), deadline=timedelta(seconds=30))
+    apiservers: tuple[str, ...] = Field(
+        default=("https://127.0.0.1:6443",),
+        description="Kubernetes API server URLs every agent probes, each an evidence path.")
+
+    @model_validator(mode="after")
+    def _quorum_floor(self) -> Self:
+        if self.quorum.approvals < DESTRUCTIVE_MIN_APPROVALS:
+            raise ValueError(
+                f"quorum.approvals must be at least {DESTRUCTIVE_MIN_APPROVALS}: it is the "
+                "default for destructive actions"
+            )
+        return self
+
+
+class Fleet(Model):
+    apiVersion: Literal["zeta/v1"]  # noqa: N815
+    kind: Literal["Fleet"]
+    metadata: Metadata = Metadata(name="default")
+    spec: FleetSpec = FleetSpec()
+
+
+DEFAULT_FLEET = Fleet(apiVersion="zeta/v1", kind="Fleet")
+
+KINDS: dict[str, type[Persona] | type[RepairPolicy] | type[Fleet]] = {
+    "Persona": Persona, "RepairPolicy": RepairPolicy, "Fleet": Fleet,
+}

@@ -1,0 +1,3 @@
+"""What an operator runs: the command line, audit, watch, controls and the rendered
+system files.
+"""

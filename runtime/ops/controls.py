@@ -1,0 +1,229 @@
+"""What an operator does by hand: make keys, and freeze, thaw or reset a breaker fleet-wide.
+
+Keys: ``zeta-agent keygen NAME`` writes a fresh seed where the agents look for it
+(``runtime.config.credentials.write_seed``) and can put the public key into the persona
+file. That edit replaces the one value and leaves every other byte, so the comments
+and layout the operator wrote survive.
+
+Controls: a ``freeze``, ``thaw`` or ``breaker-reset`` is an envelope signed with an
+operator's key, published on ``zeta.control.<verb>`` into the audit stream. Before
+signing, the seed is checked against the key fleet.yaml lists for that operator:
+agents would drop a control signed with any other key, and an operator must learn
+that now, not from a fleet that silently did not freeze.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import YAMLError
+
+from bus.connection import BusUnavailableError, Connection, subject_for
+from bus.envelope import Envelope, seal
+from bus.jetstream import Settings, check, ensure
+from bus.keys import Signer
+from bus.messages import Control
+from bus.natstypes import NatsError
+from runtime.config.credentials import CredentialError, write_seed
+from runtime.model.formats import Fleet
+
+# `nkey:` and the scalar after it: quoted, or plain up to a space, a comment or the
+# end of a flow mapping (possibly empty, for a file waiting for its first key).
+_NKEY = re.compile(r"nkey[ \t]*:(?P<space>[ \t]*)(?P<value>\"[^\"]*\"|'[^']*'|[^\s,#}\]]*)")
+
+
+class OperatingError(Exception):
+    """A refusal the operator can fix; nothing was sent or changed."""
+
+
+class NotSentError(OperatingError):
+    """The bus could not be reached, or did not store the control."""
+
+
+# ---------------------------------------------------------------- keys
+
+
+def persona_file(config_dir: Path, name: str) -> Path:
+    """Where persona ``name`` is defined: the file name is the systemd instance name."""
+    return config_dir / "personas" / f"{name}.yaml"
+
+
+def _nkey_position(text: str, where: Path) -> tuple[int, int]:
+    """0-based line and column of the key ``nkey`` under ``spec.identity``."""
+    try:
+        doc = YAML(typ="rt").load(text)
+        identity = doc["spec"]["identity"]
+        if not isinstance(identity, CommentedMap) or "nkey" not in identity:
+            raise KeyError("nkey")
+        line, column = identity.lc.key("nkey")
+    except YAMLError as exc:
+        raise OperatingError(f"{where}: not valid YAML: {exc}") from None
+    except (KeyError, TypeError):
+        raise OperatingError(f"{where}: no spec.identity.nkey to replace; add "
+                             "`nkey:` under spec.identity first") from None
+    return int(line), int(column)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise OperatingError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def set_persona_key(path: Path, key: str) -> None:
+    """Replace the value of ``spec.identity.nkey`` in ``path`` with ``key``, nothing else."""
+    text = _read(path)
+    line, column = _nkey_position(text, path)
+    lines = text.splitlines(keepends=True)
+    found = _NKEY.match(lines[line], column)
+    if found is not None:
+        rest = lines[line][found.end():]
+        space = found["space"] or " "  # `nkey:KEY` would be one plain scalar
+        lines[line] = (lines[line][:found.start("space")] + space + key
+                       + (" " if rest.startswith("#") else "") + rest)
+    updated = "".join(lines)
+    if found is None or _nkey_of(updated) != key:
+        raise OperatingError(f"{path}: could not replace the nkey on line {line + 1}; "
+                             f"put {key} there by hand")
+    _replace_file(path, updated)
+
+
+def _nkey_of(text: str) -> object:
+    try:
+        return YAML(typ="rt").load(text)["spec"]["identity"]["nkey"]
+    except (YAMLError, KeyError, TypeError):
+        return None
+
+
+def keygen(name: str, *, credentials_dir: Path, persona: Path | None = None,
+           force: bool = False) -> str:
+    """Write a new seed for ``name``; with ``persona``, put its public key in that file.
+
+    The persona file is checked before the seed is written, so a refusal leaves
+    nothing behind. Returns the public key.
+    """
+    if persona is not None:
+        _nkey_position(_read(persona), persona)
+    try:
+        key = write_seed(credentials_dir, name, force=force)
+    except CredentialError as exc:
+        raise OperatingError(str(exc)) from None
+    except OSError as exc:
+        raise OperatingError(f"cannot write a seed under {credentials_dir}: "
+                             f"{exc.strerror or exc}") from None
+    if persona is not None:
+        set_persona_key(persona, key)
+    return key
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, keeping the file's permission bits."""
+    mode = path.stat().st_mode & 0o7777
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- controls
+
+
+def operator_signer(fleet: Fleet, operator: str, seed: bytes, source: Path) -> Signer:
+    """The operator's signing key, refused unless fleet.yaml lists it for ``operator``.
+
+    ``source`` (where ``seed`` was read) only names the file in refusals.
+    """
+    configured = {user.name: user.nkey for user in fleet.spec.operators}
+    if operator not in configured:
+        known = ", ".join(sorted(configured)) or "none"
+        raise OperatingError(f"{operator!r} is not an operator in fleet.yaml (operators: "
+                             f"{known}); agents would drop its controls")
+    try:
+        signer = Signer(seed)
+    except ValueError as exc:
+        raise OperatingError(f"{source}: {exc}") from None
+    if signer.public_key != configured[operator]:
+        raise OperatingError(
+            f"{source} holds the key {signer.public_key}, but fleet.yaml lists "
+            f"{configured[operator]} for operator {operator!r}: refusing to sign")
+    return signer
+
+
+def control(verb: str, *, operator: str, signer: Signer, reason: str, policy: str | None,
+            host: str) -> Envelope:
+    """The signed control envelope; OperatingError if ``Control`` refuses the verb or reason."""
+    try:
+        body = Control.model_validate({"verb": verb, "reason": reason, "policy": policy})
+    except ValidationError as exc:
+        raise OperatingError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                       for e in exc.errors())) from None
+    return seal("control", sender=operator, host=host, body=body, signer=signer)
+
+
+async def connect_within(connection: Connection, seconds: float, urls: Sequence[str]) -> None:
+    """Connect, or raise NotSentError after ``seconds``.
+
+    ``Connection.connect`` retries forever, as an agent must; a command run by a
+    person has to give up and say so.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await connection.connect()
+    except TimeoutError:
+        raise NotSentError(f"cannot reach the bus at {', '.join(urls)} within {seconds:g}s "
+                           "(is it running, and is this key allowed on it?)") from None
+
+
+async def send(envelope: Envelope, *, urls: Sequence[str], seed: bytes, settings: Settings,
+               within: float) -> list[str]:
+    """Publish ``envelope`` into the audit stream (created if missing), as the user of ``seed``.
+
+    Returns the audit resources' settings that differ from ``settings`` (the control
+    is stored all the same: a freeze must not wait for a settings dispute).
+    """
+    connection = Connection(urls, name=f"zeta-agent control ({envelope.sender})", seed=seed)
+    try:
+        await connect_within(connection, within, urls)
+        async with asyncio.timeout(within):
+            problems = await ensure(connection.js, settings)
+            await connection.publish(subject_for(envelope), envelope)
+    except (TimeoutError, BusUnavailableError, NatsError) as exc:
+        raise NotSentError(f"the bus did not store the control: {exc or type(exc).__name__} "
+                           "(a permissions violation shows in the nats-server log)") from None
+    finally:
+        await connection.close()
+    return problems
+
+
+async def bus_resources(action: str, *, urls: Sequence[str], seed: bytes | None,
+                        settings: Settings, within: float) -> list[str]:
+    """``zeta-agent bus init|check``: what differs from ``settings`` after it.
+
+    Only this (an operator's command) creates the resources; the rendered permissions
+    let no persona do it, and nobody change them.
+    """
+    connection = Connection(urls, name=f"zeta-agent bus {action}", seed=seed)
+    run = {"init": ensure, "check": check}[action]
+    try:
+        await connect_within(connection, within, urls)
+        async with asyncio.timeout(within):
+            return await run(connection.js, settings)
+    except (TimeoutError, BusUnavailableError, NatsError) as exc:
+        raise NotSentError(f"the bus did not answer: {exc or type(exc).__name__} (a "
+                           "permissions violation shows in the nats-server log)") from None
+    finally:
+        await connection.close()

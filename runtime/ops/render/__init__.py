@@ -1,0 +1,3 @@
+"""System files rendered from the persona files: NATS permissions, Kubernetes RBAC,
+polkit rules and unit drop-ins.
+"""
