@@ -32,9 +32,8 @@ from runtime.core.engine import (
     RepairVerified,
     StepFailed,
     policy_digest,
-    resolve_target,
 )
-from runtime.model.catalog import CATALOG, UnitParams, lookup
+from runtime.model.catalog import UnitParams, lookup
 from runtime.model.formats import DEFAULT_FLEET, Quorum, RepairPolicy
 from runtime.model.snapshot import NodeObs
 from tests.builders import (
@@ -626,56 +625,6 @@ def test_intent_ids_are_unique_and_deterministic() -> None:
     first = ids()
     assert len(first) == len(set(first)) > 8
     assert ids() == first
-
-
-# ---------------------------------------------------------------- targets
-
-
-WORKER = Target(kind="node", name="worker-1")
-KUBELET_UNIT = UnitParams(unit="kubelet.service")
-
-
-@pytest.mark.parametrize(
-    ("action", "params", "finding", "expected"),
-    [
-        ("host.unit.start", KUBELET_UNIT, WORKER,
-         Target(kind="unit", name="kubelet.service", host="worker-1")),
-        ("host.unit.restart", UnitParams(unit="k3s.service"),
-         Target(kind="apiserver", name="kube-apiserver"),
-         Target(kind="unit", name="k3s.service", host=HOST)),
-        ("host.unit.start", KUBELET_UNIT, Target(kind="unit", name="kubelet.service", host="w2"),
-         Target(kind="unit", name="kubelet.service", host="w2")),
-        ("host.node.reboot", None, WORKER, Target(kind="host", name="worker-1")),
-        ("k8s.node.cordon", None, WORKER, WORKER),
-        ("k8s.workload.restart", None, deployment("web"), deployment("web")),
-        ("bus.escalate", None, deployment("web"), deployment("web")),
-        ("bus.escalate", None, Target(kind="lease", name="node.a"),
-         Target(kind="lease", name="node.a")),
-        ("agent.peer.restart", None, Target(kind="persona", name="vera"),
-         Target(kind="persona", name="vera")),
-    ],
-)
-def test_remedy_targets_resolve_from_the_finding(action: str, params: Any, finding: Target,
-                                                 expected: Target) -> None:
-    entry = CATALOG[action]
-    typed = params if params is not None else entry.params()
-    assert resolve_target(entry, typed, finding, HOST) == expected
-
-
-@pytest.mark.parametrize(
-    ("action", "finding"),
-    [
-        ("k8s.workload.restart", Target(kind="pod", name="lone", namespace="default")),
-        ("host.node.reboot", Target(kind="persona", name="vera")),
-        ("k8s.node.cordon", Target(kind="unit", name="kubelet.service", host="w1")),
-        ("k8s.pod.delete", deployment("web")),
-    ],
-)
-def test_an_action_that_cannot_apply_says_why(action: str, finding: Target) -> None:
-    reason = resolve_target(CATALOG[action], CATALOG[action].params(), finding, HOST)
-    assert isinstance(reason, str)
-    assert reason.startswith(f"{action} acts on ")
-    assert finding.name in reason
 
 
 def test_a_step_that_cannot_apply_is_skipped_with_a_hold() -> None:

@@ -56,7 +56,7 @@ from runtime.agent.acting import run_actuator
 from runtime.agent.metrics import Metrics
 from runtime.agent.observing import Observing
 from runtime.config.loading import ConfigSet
-from runtime.core.detecting import APISERVER, detect
+from runtime.core.detecting import detect
 from runtime.core.engine import (
     Event,
     FindingCleared,
@@ -70,6 +70,7 @@ from runtime.core.engine import (
     required_at,
 )
 from runtime.core.ports import Actuator, Domain, Fence, Observed, Outcome
+from runtime.core.targets import finding_behind
 from runtime.model import scopes
 from runtime.model.catalog import lookup
 from runtime.model.formats import Persona, RepairPolicy
@@ -668,22 +669,16 @@ class Coordinator:
             if fraction > budget:
                 return "reject", (f"blast radius: {len(detection.matches)}/"
                                   f"{detection.population} unhealthy > {budget:.0%}"), {}
-        finding_key = self._finding_key(policy, proposal)
-        match = detection.matches.get(finding_key)
-        if match is None:
-            return "reject", (f"I do not see {policy.spec.detect.kind} on {finding_key} "
-                              f"from {snapshot.host}"), {"sources": sources}
+        action = lookup(proposal.action)
+        finding = finding_behind(action, action.params.model_validate(proposal.params),
+                                 proposal.target, (m.target for m in detection.matches.values()))
+        if finding is None:
+            return "reject", (f"I do not see {policy.spec.detect.kind} behind "
+                              f"{proposal.action} on {proposal.target.key} from {snapshot.host}"
+                              ), {"sources": sources}
+        match = detection.matches[finding.key]
         return "approve", f"confirmed from {snapshot.host}: {match.summary}", {
             "observed_at": now.isoformat(), "host": snapshot.host, **match.evidence}
-
-    def _finding_key(self, policy: RepairPolicy, proposal: Proposal) -> str:
-        """The detector target behind a proposal target (a unit restart for an API finding…)."""
-        kind = policy.spec.detect.kind
-        if kind == "apiserver-unreachable":
-            return APISERVER.key
-        if proposal.target.kind == "unit" and kind != "unit-failed":
-            return f"node.{proposal.target.host}"
-        return proposal.target.key
 
     # ------------------------------------------------------------ operator controls
 

@@ -18,7 +18,8 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus.messages import Target
-from runtime.core.engine import Intent, resolve_target
+from runtime.core.engine import Intent
+from runtime.core.targets import action_target
 from runtime.model.catalog import CATALOG, Action, Params, lookup
 from runtime.model.formats import Persona, RepairPolicy
 from runtime.model.scopes import ScopeError, allows
@@ -96,7 +97,7 @@ def cases(intents: Sequence[Intent], policies: Mapping[str, RepairPolicy],
         options = []
         for step, remedy in enumerate(policies[intent.policy].spec.remedies):
             action, params = lookup(remedy.action), remedy.typed_params()
-            target = resolve_target(action, params, intent.finding.target, host)
+            target = action_target(action, params, intent.finding.target, host)
             if isinstance(target, Target):
                 options.append(Option(step, action, params, target, remedy.is_destructive))
         out.append(Case(f"F{number}", intent, tuple(options)))

@@ -91,7 +91,8 @@ from typing import ClassVar
 
 from bus.messages import Required, Target
 from runtime.core.detecting import JSON, Detection, Match, detect, expectation_met
-from runtime.model.catalog import Action, Params, UnitParams, lookup
+from runtime.core.targets import action_target
+from runtime.model.catalog import Action, Params, lookup
 from runtime.model.durations import format_duration
 from runtime.model.formats import DEFAULT_FLEET, Quorum, Remedy, RepairPolicy
 from runtime.model.snapshot import Snapshot
@@ -284,27 +285,6 @@ class EngineStatus:
 
 class IntentReportError(ValueError):
     """A report about an intent the engine did not offer, or in the wrong order."""
-
-
-# ---------------------------------------------------------------- target resolution
-
-
-def resolve_target(action: Action, params: Params, finding: Target,
-                   host: str | None) -> Target | str:
-    """The target ``action`` acts on for a finding on ``finding``, or why it cannot apply.
-
-    ``host`` is the snapshot's host, the fallback for units of non-node findings.
-    """
-    if action.name.startswith("host.unit."):
-        assert isinstance(params, UnitParams)
-        on = finding.host or (finding.name if finding.kind == "node" else host)
-        return Target(kind="unit", name=params.unit, host=on)
-    if action.name == "host.node.reboot" and finding.kind == "node":
-        return Target(kind="host", name=finding.name)
-    if finding.kind in action.targets:
-        return finding
-    what = f"{finding.kind} {finding.namespace + '/' if finding.namespace else ''}{finding.name}"
-    return f"{action.name} acts on {'/'.join(action.targets)}, not on {what}"
 
 
 # ---------------------------------------------------------------- internal state
@@ -514,7 +494,7 @@ class PolicyEngine:
         while ladder.step < len(remedies):
             remedy = remedies[ladder.step]
             action, params = lookup(remedy.action), remedy.typed_params()
-            target = resolve_target(action, params, ladder.finding.target, snapshot.host or None)
+            target = action_target(action, params, ladder.finding.target, snapshot.host or None)
             if isinstance(target, str):
                 offers.hold(state, ladder, f"step {ladder.step} skipped: {target}")
                 ladder.step += 1
