@@ -21,7 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from bus.messages import Target
-from runtime.agent.acting import Escalate
+from runtime.agent.escalate import Escalate
 from runtime.agent.loop import Agent, Exit, Timing, state_directory, supervise
 from runtime.agent.observing import Observing
 from runtime.config.loading import load

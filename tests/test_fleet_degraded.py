@@ -20,8 +20,9 @@ from bus.keys import Signer
 from bus.messages import Control, Result, Target
 from lab.fleet import prepare_config
 from lab.natsserver import NatsServer
-from runtime.agent.loop import Agent, build
+from runtime.agent.loop import Agent
 from runtime.agent.observing import Observing
+from runtime.agent.wiring import build
 from runtime.config.credentials import CredentialError, load_signer, write_seed
 from runtime.config.loading import config_paths, load
 from runtime.core.ports import Domain, Observed, Observer, Outcome

@@ -30,8 +30,9 @@ from bus.messages import Vote
 from lab.fleet import prepare_config
 from lab.natsserver import NatsServer, free_ports
 from runtime.agent.coordinating import BusObserver
-from runtime.agent.loop import Agent, build
+from runtime.agent.loop import Agent
 from runtime.agent.observing import Observing
+from runtime.agent.wiring import build
 from runtime.config.loading import config_paths, load
 from runtime.core.detecting import detect
 from runtime.core.ports import Domain, Observed, Outcome

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from bus.messages import Target
 from runtime.agent.acting import run_actuator
-from runtime.agent.loop import build
+from runtime.agent.wiring import build
 from runtime.config.loading import config_paths, load
 from runtime.core.engine import Intent
 from runtime.core.ports import Actuator, Fence, Outcome, unfenced

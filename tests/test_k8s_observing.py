@@ -26,7 +26,8 @@ from structlog.testing import capture_logs
 from bus.messages import Target
 from lab.controlplane import ControlPlane
 from lab.nodesim import NodeSimulator
-from runtime.agent.loop import Agent, build
+from runtime.agent.loop import Agent
+from runtime.agent.wiring import build
 from runtime.config.loading import load
 from runtime.core.ports import Observed
 from runtime.host.observing import ApiserverObserver, host_observers

@@ -37,7 +37,7 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import Control, Heartbeat, Proposal, QuorumRule, Target, Vote
 from lab.fleet import init_bus, prepare_config
 from lab.natsserver import NatsServer, binary, free_ports
-from runtime.agent.loop import build
+from runtime.agent.wiring import build
 from runtime.config.credentials import SEED_FILE, write_seed
 from runtime.config.loading import ConfigSet, config_paths, load
 from runtime.core.ports import Outcome

@@ -44,7 +44,8 @@ from bus.quorum import Ballot, Rule, tally
 from lab.fleet import AgentProcess, prepare_config, start_agent, stop_agents, wait_until
 from lab.natsserver import NatsServer
 from runtime.agent.coordinating import FreezeState
-from runtime.agent.loop import Agent, build
+from runtime.agent.loop import Agent
+from runtime.agent.wiring import build
 from runtime.config.credentials import SEED_FILE, write_seed
 from runtime.config.loading import ConfigSet, config_paths, load
 from runtime.core.engine import policy_digest

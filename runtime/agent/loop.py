@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -29,24 +26,12 @@ from typing import Any
 
 import structlog
 
-from bus import subjects
-from bus.connection import Connection
 from bus.ids import new_id
-from bus.journal import Journal
-from runtime import __version__
-from runtime.agent.acting import DryRunOnly, Escalate, run_actuator
-from runtime.agent.coordinating import Coordinator, LeaseReleaser
-from runtime.agent.deliberating import Deliberator, thinker_for
+from runtime.agent.acting import DryRunOnly, run_actuator
+from runtime.agent.coordinating import Coordinator
+from runtime.agent.deliberating import Deliberator
 from runtime.agent.metrics import Metrics
-from runtime.agent.metrics import start as start_metrics
 from runtime.agent.observing import Observing
-from runtime.config.credentials import (
-    KUBECONFIG_FILE,
-    CredentialError,
-    credential_path,
-    load_signer,
-)
-from runtime.config.loading import ConfigSet
 from runtime.core.authorizing import authorize
 from runtime.core.engine import (
     BreakerReset,
@@ -61,12 +46,8 @@ from runtime.core.engine import (
     RepairVerified,
     StepFailed,
 )
-from runtime.core.ports import Actuator, Actuators, NoActuatorError
-from runtime.host.acting import host_actuators
-from runtime.host.notify import Notifier, watchdog_interval
-from runtime.host.observing import host_observers
-from runtime.kube.acting import ClientApi, kubernetes_actuators
-from runtime.kube.observing import KubeconfigError, kubernetes_observer
+from runtime.core.ports import Actuators, NoActuatorError
+from runtime.host.notify import Notifier
 from runtime.model.formats import Persona
 
 log = structlog.get_logger()
@@ -414,116 +395,3 @@ def _log_event(event: Event) -> None:
 
 
 # ---------------------------------------------------------------- the process
-
-
-def bus_urls(config: ConfigSet, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-    """The bus to connect to: ``$ZETA_NATS_URL`` (comma-separated) overrides fleet.yaml."""
-    if override := environ.get("ZETA_NATS_URL", "").strip():
-        return tuple(u.strip() for u in override.split(",") if u.strip())
-    return config.fleet.spec.bus.urls
-
-
-def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
-          environ: Mapping[str, str] = os.environ,
-          actuators: Mapping[str, Actuator] | None = None, host: str | None = None) -> Agent:
-    """The agent for one persona of a loaded configuration, wired to this host and the bus."""
-    persona = config.persona(persona_name)
-    policies = config.policies_of(persona)
-    interval = watchdog_interval(environ)
-    timing = Timing(tick=persona.spec.tick.total_seconds(),
-                    watchdog=interval.total_seconds() / 2 if interval else None)
-    host = host or socket.gethostname()
-    engine = PolicyEngine(policies, default_quorum=config.fleet.spec.quorum)
-    metrics = Metrics.of(persona)
-    notifier = Notifier.from_env(environ)
-    structlog.contextvars.bind_contextvars(persona=persona.name)
-    kubeconfig = credential_path(KUBECONFIG_FILE, persona.name, config.fleet, environ)
-    kubernetes = kubernetes_observer(kubeconfig, stale_after=2 * timing.tick)
-    clients = [kubernetes] if kubernetes is not None else []
-    observers = host_observers(policies, config.fleet, state_dir, clients=clients)
-    observers += clients
-    coordinator = None
-    try:
-        signer = load_signer(persona, config.fleet, environ)
-    except CredentialError as exc:
-        # Keep observing and repairing what needs no quorum: losing the identity
-        # must not blind the agent, only take its vote and its destructive power.
-        log.error("bus disabled: no identity to sign with", error=str(exc))
-    else:
-        urls = bus_urls(config, environ)
-        coordinator = Coordinator(
-            persona=persona, config=config, signer=signer, host=host,
-            connection=Connection(urls, name=f"zeta-agent@{persona.name}", seed=signer.seed,
-                                  inbox_prefix=subjects.inbox(persona.name)),
-            engine=engine, journal=Journal(state_dir / "journal.jsonl"), metrics=metrics)
-        observers += coordinator.observers()
-    observing = Observing(observers, timeout=timing.observe_timeout, host=host)
-    # Host actuators only under systemd: see runtime.host.acting.
-    available: dict[str, Actuator] = {"bus.escalate": Escalate(),
-                                      **host_actuators(persona, environ, host=host)}
-    if kubeconfig.exists():
-        try:
-            available.update(kubernetes_actuators(ClientApi.from_kubeconfig(kubeconfig), persona))
-        except KubeconfigError as exc:
-            log.error("Kubernetes actuators disabled", error=str(exc))
-    if coordinator is not None:
-        coordinator.observing = observing
-        available["bus.lease.release"] = LeaseReleaser(coordinator)
-    registry = Actuators({**available, **(actuators or {})})
-    deliberator = None
-    if (thinker := thinker_for(config, persona_name, environ, metrics=metrics)) is not None:
-        deliberator = Deliberator(thinker, engine, wall=lambda: datetime.now(UTC))
-        if coordinator is not None:
-            coordinator.argue = thinker.argue
-    log.info("starting", version=__version__, policies=list(persona.spec.policies),
-             tick_s=timing.tick, state_dir=str(state_dir), watchdog_s=timing.watchdog,
-             notify_socket=notifier.address,
-             bus=list(bus_urls(config, environ)) if coordinator else "disabled",
-             observers=[o.name for o in observing.observers],
-             not_observed=list(observing.unobserved),
-             kubernetes=kubernetes.url if kubernetes is not None else
-             f"not observed: no usable kubeconfig at {kubeconfig}",
-             actuators=sorted(registry.names) or "none: every intent that would act is refused")
-    return Agent(persona, engine=engine, observing=observing, actuators=registry,
-                 notifier=notifier, timing=timing, coordinator=coordinator,
-                 deliberator=deliberator, metrics=metrics)
-
-
-def serve(config: ConfigSet, persona_name: str, *, state_dir: Path, once: bool = False,
-          environ: Mapping[str, str] = os.environ) -> int:
-    """Run the persona's agent until SIGTERM/SIGINT (or one tick with ``once``)."""
-    agent = build(config, persona_name, state_dir=state_dir, environ=environ)
-    if once:
-        return asyncio.run(agent.run_once())
-    # Started before the first tick, so a scrape sees the agent from its start on.
-    endpoint = start_metrics(agent.metrics, agent.persona, environ)
-    try:
-        return asyncio.run(_serve(agent))
-    finally:
-        if endpoint is not None:
-            endpoint.close()
-
-
-async def _serve(agent: Agent) -> int:
-    stop = asyncio.Event()
-
-    def on_signal(signum: signal.Signals) -> None:
-        if stop.is_set():
-            return
-        log.info("stopping", signal=signum.name)
-        agent.notifier.stopping()
-        agent.notifier.status(f"stopping on {signum.name}")
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    result = await agent.run(stop)
-    log.info("stopped", exit_code=result.code, ticks=agent.ticks, tick_errors=agent.errors)
-    if result.abandoned:
-        # asyncio.run would wait forever for tasks that swallow cancellation; leave
-        # now, as systemd would after TimeoutStopSec anyway.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(result.code or 1)
-    return result.code

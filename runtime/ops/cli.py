@@ -31,7 +31,7 @@ from bus.jetstream import AUDIT_STREAM
 from bus.reading import Stored
 from bus.subjects import PERSONA_NAME
 from runtime import __version__
-from runtime.agent import deliberating, logs
+from runtime.agent import deliberating, logs, wiring
 from runtime.agent import loop as agent
 from runtime.agent.coordinating import Roster, jetstream_settings
 from runtime.brain import choosing
@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot create the state directory: {exc}") from None
     logs.configure(args.log_format, level=args.log_level)
-    return agent.serve(config, persona.name, state_dir=state_dir, once=args.once)
+    return wiring.serve(config, persona.name, state_dir=state_dir, once=args.once)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -202,7 +202,7 @@ def _version(_args: argparse.Namespace) -> int:
 
 def _bus_urls(args: argparse.Namespace, config: ConfigSet) -> list[str]:
     """--bus, else $ZETA_NATS_URL, else fleet.yaml: the same order as the agents use."""
-    return list(args.bus or agent.bus_urls(config))
+    return list(args.bus or wiring.bus_urls(config))
 
 
 def _seed(path: Path | None) -> bytes | None:
