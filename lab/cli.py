@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lab import drill
-from runtime.ops.cli import UserError, dispatch, load_config_dir
+from runtime.ops.common import UserError, dispatch, load_config_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,9 @@ import structlog
 from bus.subjects import PERSONA_NAME
 from runtime import __version__
 from runtime.agent import logs
-from runtime.ops.cli import config_dir, main, render_sysusers
+from runtime.ops.cli import main
+from runtime.ops.common import config_dir
+from runtime.ops.render.commands import render_sysusers
 from tests.builders import persona
 
 REPO = Path(__file__).resolve().parent.parent

@@ -28,7 +28,10 @@ from the first sequence to the last: it creates no consumer and changes nothing.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -36,7 +39,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bus import subjects
+from bus import ids, subjects
+from bus.connection import Connection
 from bus.envelope import Accepted, Dropped, Envelope, Verifier, format_time
 from bus.jetstream import AUDIT_STREAM
 from bus.leases import kv_key
@@ -44,9 +48,17 @@ from bus.messages import Control, Decision, Proposal, Result, Started, Vote
 from bus.natstypes import JetStreamContext, NotFoundError
 from bus.quorum import Ballot, Rule, counted_ballots, looser, strictest, tally
 from bus.reading import Stored, read_stream
+from runtime.agent import logs
+from runtime.agent.coordinating import Roster
 from runtime.core.engine import required_at
 from runtime.model.catalog import UnknownActionError, lookup
-from runtime.model.formats import DEFAULT_FLEET, Quorum, RepairPolicy
+from runtime.model.formats import (
+    DEFAULT_FLEET,
+    Quorum,
+    RepairPolicy,
+)
+from runtime.ops import watch as watching
+from runtime.ops.common import UserError, bus_urls_of, config_dir, load_config_dir, read_seed
 from runtime.ops.watch import describe
 
 _RAN = ("succeeded", "failed", "verified", "unverified", "compensated")
@@ -414,3 +426,68 @@ def table(summaries: Sequence[Summary]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
             for row in rows]
+
+
+# ---------------------------------------------------------------- the command
+
+
+async def _read_audit(urls: Sequence[str], seed: bytes | None, repair: str | None,
+                      connect_within: float) -> list[Stored]:
+    connection = Connection(urls, name="zeta-agent audit", seed=seed)
+    try:
+        # Connection retries forever (right for an agent); a one-shot command gives up.
+        async with asyncio.timeout(connect_within):
+            await connection.connect()
+    except TimeoutError:
+        raise UserError(f"cannot reach the bus at {', '.join(urls)} "
+                        f"within {connect_within:g}s") from None
+    try:
+        return await read(connection.js, repair)
+    except StreamMissingError:
+        raise UserError(f"the bus at {', '.join(urls)} has no {AUDIT_STREAM} stream: "
+                        "no agent has started there yet") from None
+    finally:
+        await connection.close()
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    if args.repair is not None and not ids.is_id(args.repair):
+        raise UserError(f"{args.repair!r} is not a repair id (26 characters, like "
+                        f"{ids.new_id()})")
+    config = load_config_dir(config_dir(args.config_dir))
+    # A one-shot read: connection warnings (the disconnect at exit) would only be noise.
+    logs.configure(level="error", stream=sys.stderr)
+    urls = bus_urls_of(args, config)
+    stored = asyncio.run(_read_audit(urls, read_seed(args.seed), args.repair, args.timeout))
+    roster = Roster.of(config)
+    if args.repair and not stored:
+        raise UserError(f"no messages of repair {args.repair} in {AUDIT_STREAM}", code=1)
+    if args.check == "verify":
+        violations = verify(
+            stored, roster.keys, roster.operators, roster.voters,
+            policies={name: p.value for name, p in config.policies.items()},
+            default_quorum=config.fleet.spec.quorum)
+        for violation in violations:
+            print(json.dumps(asdict(violation)) if args.json else violation)
+        verdict = f"{len(violations)} violation(s)" if violations else "ok"
+        print(f"{verdict}: {len(stored)} messages checked", file=sys.stderr)
+        return 1 if violations else 0
+    verifier = roster.verifier()
+    if args.repair:
+        for line in listing(stored, verifier, as_json=args.json):
+            print(line)
+        return 0
+    summaries, controls = summarize(stored, verifier)
+    if args.json:
+        for summary in summaries:
+            print(json.dumps(summary.as_json()))
+        for control in controls:
+            print(json.dumps({"control": control.envelope.model_dump(mode="json",
+                                                                     by_alias=True)}))
+        return 0
+    for line in table(summaries):
+        print(line)
+    for control in controls:
+        print(f"{format_time(control.envelope.at)} "
+              f"{watching.describe(control.envelope, control.body)}")
+    return 0

@@ -14,9 +14,12 @@ that now, not from a fleet that silently did not freeze.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
+import socket
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,12 +31,23 @@ from ruamel.yaml.error import YAMLError
 
 from bus.connection import BusUnavailableError, Connection, subject_for
 from bus.envelope import Envelope, seal
-from bus.jetstream import Settings, check, ensure
+from bus.jetstream import AUDIT_STREAM, Settings, check, ensure
 from bus.keys import Signer
 from bus.messages import Control
 from bus.natstypes import NatsError
-from runtime.config.credentials import CredentialError, write_seed
+from bus.subjects import PERSONA_NAME
+from runtime.agent import logs
+from runtime.agent.coordinating import jetstream_settings
+from runtime.config.credentials import CredentialError, seed_file, write_seed
 from runtime.model.formats import Fleet
+from runtime.ops.common import (
+    UserError,
+    bus_urls_of,
+    config_dir,
+    fleet_of,
+    load_config_dir,
+    read_seed,
+)
 
 # `nkey:` and the scalar after it: quoted, or plain up to a space, a comment or the
 # end of a flow mapping (possibly empty, for a file waiting for its first key).
@@ -227,3 +241,87 @@ async def bus_resources(action: str, *, urls: Sequence[str], seed: bytes | None,
                            "permissions violation shows in the nats-server log)") from None
     finally:
         await connection.close()
+
+
+# ---------------------------------------------------------------- the command
+
+
+def keygen_command(args: argparse.Namespace) -> int:
+    name: str = args.name
+    if not PERSONA_NAME.match(name):
+        raise UserError(f"{name!r} is not a valid name: lowercase letters, digits and '-', "
+                        "starting with a letter, at most 26 characters")
+    directory = config_dir(args.config_dir)
+    persona = persona_file(directory, name) if args.write else None
+    if persona is not None and not persona.is_file():
+        raise UserError(f"--write needs the persona file {persona}, which does not exist "
+                        "(without --write, keygen makes a key for any name, e.g. an operator)")
+    credentials = args.credentials_dir or Path(fleet_of(directory).spec.credentialsDir)
+    try:
+        key = keygen(name, credentials_dir=credentials, persona=persona,
+                               force=args.force)
+    except OperatingError as exc:
+        raise UserError(str(exc)) from None
+    # The key alone on stdout, so `KEY=$(zeta-agent keygen …)` works; the rest is for people.
+    print(f"wrote {seed_file(credentials, name)} (mode 0600)", file=sys.stderr)
+    if persona is not None:
+        print(f"set spec.identity.nkey in {persona}", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def control_command(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    policy: str | None = getattr(args, "policy", None)
+    if policy is not None and policy not in config.policies:
+        known = ", ".join(sorted(config.policies)) or "none"
+        raise UserError(f"no policy {policy!r} in {directory / 'policies'}; known: {known}")
+    fleet = config.fleet.spec
+    seed_path = args.seed or seed_file(Path(fleet.credentialsDir), args.operator)
+    seed = read_seed(seed_path) or b""
+    urls = bus_urls_of(args, config)
+    # Bus reconnect warnings go to stderr: stdout says what was sent.
+    logs.configure(level="warning", stream=sys.stderr)
+    try:
+        signer = operator_signer(config.fleet, args.operator, seed, seed_path)
+        envelope = control(args.verb, operator=args.operator, signer=signer,
+                                     reason=args.reason, policy=policy,
+                                     host=socket.gethostname())
+        problems = asyncio.run(send(
+            envelope, urls=urls, seed=seed, within=args.timeout,
+            settings=jetstream_settings(config)))
+    except NotSentError as exc:
+        raise UserError(str(exc), code=1) from None
+    except OperatingError as exc:
+        raise UserError(str(exc)) from None
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(f"sent {args.verb} as operator {args.operator} on {subject_for(envelope)} "
+          f"to {', '.join(urls)}")
+    print(envelope.to_bytes().decode("utf-8"))
+    return 0
+
+
+def bus_resources_command(args: argparse.Namespace) -> int:
+    config = load_config_dir(config_dir(args.config_dir))
+    seed: bytes | None = None
+    if args.seed is not None or args.operator is not None:
+        seed_path = args.seed or seed_file(Path(config.fleet.spec.credentialsDir), args.operator)
+        seed = read_seed(seed_path)
+    urls = bus_urls_of(args, config)
+    logs.configure(level="warning", stream=sys.stderr)
+    try:
+        problems = asyncio.run(bus_resources(
+            args.action, urls=urls, seed=seed, settings=jetstream_settings(config),
+            within=args.timeout))
+    except NotSentError as exc:
+        raise UserError(str(exc), code=2) from None
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} difference(s): agents refuse destructive work until the "
+              "bus's administrator fixes them (docs/operations.md)", file=sys.stderr)
+        return 1
+    print(f"{AUDIT_STREAM} and the lease bucket are as fleet.yaml says", file=sys.stderr)
+    return 0

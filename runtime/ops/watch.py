@@ -14,9 +14,11 @@ every time as an argument, so it is tested without a bus.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import signal
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -28,7 +30,9 @@ from bus.envelope import Accepted, Dropped, Envelope, Verifier, format_time
 from bus.messages import Control, Decision, Finding, Heartbeat, Proposal, Result, Started, Vote
 from bus.natstypes import Msg
 from bus.quorum import Ballot, Rule, tally
+from runtime.agent import logs
 from runtime.agent.coordinating import Roster
+from runtime.ops.common import bus_urls_of, config_dir, load_config_dir, read_seed
 
 SUBJECT = "zeta.>"
 FORGET_AFTER = timedelta(minutes=5)
@@ -229,3 +233,18 @@ async def watch(connection: Connection, view: View, out: TextIO, *, as_json: boo
         await connection.close()
     if not following.cancelled() and (failure := following.exception()) is not None:
         raise failure
+
+
+# ---------------------------------------------------------------- the command
+
+
+def watch_command(args: argparse.Namespace) -> int:
+    config = load_config_dir(config_dir(args.config_dir))
+    # Logs (bus reconnects) go to stderr: stdout is the view, or JSON lines for scripts.
+    logs.configure(level="warning", stream=sys.stderr)
+    connection = Connection(bus_urls_of(args, config), name="zeta-agent watch",
+                            seed=read_seed(args.seed))
+    view = View(Roster.of(config))
+    asyncio.run(watch(connection, view, sys.stdout, as_json=args.json,
+                               summary_every=args.summary_every or None, ready=sys.stderr))
+    return 0

@@ -1,0 +1,22 @@
+"""``zeta-agent run``: one persona's agent in the foreground, as its systemd unit runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from runtime.agent import logs, wiring
+from runtime.agent import loop as agent
+from runtime.ops.common import UserError, config_dir, load_config_dir, persona_in
+
+
+def run_command(args: argparse.Namespace) -> int:
+    directory = config_dir(args.config_dir)
+    config = load_config_dir(directory)
+    persona = persona_in(config, args.persona, directory)
+    try:
+        state_dir = agent.state_directory(persona.name)
+    except OSError as exc:
+        raise UserError(f"cannot create the state directory: {exc}") from None
+    logs.configure(args.log_format, level=args.log_level)
+    return wiring.serve(config, persona.name, state_dir=state_dir, once=args.once)
