@@ -76,12 +76,8 @@ from lab.nodesim import (
     running_status,
 )
 from lab.tools import stderr_progress as progress
-from runtime.kube.observing import (
-    KubernetesObserver,
-    ListCall,
-    endpoints,
-    load_client,
-)
+from runtime.kube.client import load_client
+from runtime.kube.observing import KubernetesObserver, ListCall, endpoints
 
 REPLICAS = 100  # per Deployment (live)
 NAMESPACE = "bench"

@@ -50,7 +50,7 @@ from runtime.kube.acting import (
     kubernetes_actuators,
     plan_drain,
 )
-from runtime.kube.observing import KubeconfigError
+from runtime.kube.client import KubeconfigError
 from runtime.model.catalog import (
     CATALOG,
     PERSONA_ANNOTATION,

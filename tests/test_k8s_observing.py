@@ -31,6 +31,7 @@ from runtime.agent.wiring import build
 from runtime.config.loading import load
 from runtime.core.ports import Observed
 from runtime.host.observing import ApiserverObserver, host_observers
+from runtime.kube.client import load_client
 from runtime.kube.observing import (
     RESOURCES,
     Cache,
@@ -38,7 +39,6 @@ from runtime.kube.observing import (
     WatchTiming,
     endpoints,
     event_obs,
-    load_client,
     node_obs,
     pod_obs,
 )

@@ -42,7 +42,8 @@ from runtime.host.acting import host_actuators
 from runtime.host.notify import Notifier, watchdog_interval
 from runtime.host.observing import host_observers
 from runtime.kube.acting import ClientApi, kubernetes_actuators
-from runtime.kube.observing import KubeconfigError, kubernetes_observer
+from runtime.kube.client import KubeconfigError
+from runtime.kube.observing import kubernetes_observer
 
 log = structlog.get_logger()
 

@@ -32,13 +32,13 @@ from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 import structlog
 import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException, OpenApiException
 
 from bus.messages import Target
 from runtime.core.engine import Intent
 from runtime.core.ports import Actuator, Fence, Outcome
-from runtime.kube.observing import KubeconfigError
+from runtime.kube.client import load_client
 from runtime.model.catalog import (
     PERSONA_ANNOTATION,
     REPAIR_ANNOTATION,
@@ -155,15 +155,7 @@ class ClientApi:
     @classmethod
     def from_kubeconfig(cls, path: Path, *, timeout: float = REQUEST_TIMEOUT) -> ClientApi:
         """Connect as the user of ``path``'s current context (nothing is sent yet)."""
-        try:
-            # kubernetes.config has no type hints (kubernetes.client has).
-            api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
-                config_file=str(path))
-        except Exception as exc:
-            # As in observing.load_client: the loader raises whatever its YAML, base64
-            # and file layers raise (a malformed file used to escape as a YAML error
-            # and stop the agent at start); all of it means this kubeconfig is unusable.
-            raise KubeconfigError(f"kubeconfig {path}: {exc}") from exc
+        api_client = load_client(path)  # raises KubeconfigError
         return cls(api_client, timeout=timeout)
 
     @property

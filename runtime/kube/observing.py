@@ -35,11 +35,11 @@ import structlog
 import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config import kube_config
 from pydantic import BaseModel
 
 from bus.messages import Target, TargetKind
 from runtime.core.ports import Contribution, Domain, Observed
+from runtime.kube.client import KubeconfigError, load_client
 from runtime.model.snapshot import (
     ApiProbe,
     ContainerObs,
@@ -102,29 +102,6 @@ def endpoints(api: client.ApiClient) -> dict[str, ListCall]:
         EVENTS.name: functools.partial(core.list_event_for_all_namespaces,
                                        field_selector="type=Warning"),
     }
-
-
-class KubeconfigError(Exception):
-    """The kubeconfig cannot be read or does not describe a usable cluster."""
-
-
-def load_client(kubeconfig: Path) -> client.ApiClient:
-    """An API client for a kubeconfig, with urllib3's own retries off.
-
-    Callers retry with their own backoff and log each attempt; urllib3's silent
-    immediate retries would only hide them. The file is never written back.
-    """
-    configuration = client.Configuration()
-    try:
-        kube_config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=str(kubeconfig),
-            client_configuration=configuration, persist_config=False)
-    except Exception as exc:
-        # The loader raises whatever its YAML, base64 and file layers raise; to the
-        # agent they all mean one thing: this kubeconfig cannot be used.
-        raise KubeconfigError(f"{kubeconfig}: {type(exc).__name__}: {exc}") from exc
-    configuration.retries = False
-    return client.ApiClient(configuration)
 
 
 # ---------------------------------------------------------------- conversion
