@@ -48,7 +48,10 @@ def executor(*scopes: str, tier: str = "propose",
 
 
 def check(who: Persona, intent: Intent, *, bus: bool = True, frozen: bool = False) -> Verdict:
-    return authorize(who, intent, bus_connected=bus, frozen=frozen)
+    """``authorize`` with the refusal the bus link gives in that state (Coordinator.refusal)."""
+    refusal = ("bus down" if not bus else
+               "fleet frozen by 'change window'" if frozen else None)
+    return authorize(who, intent, quorum_refusal=refusal)
 
 
 def test_the_intents_under_test_are_what_they_claim() -> None:

@@ -742,7 +742,7 @@ def test_the_engine_runs_over_the_shipped_policies() -> None:
                      if intent.policy in p.value.spec.policies
                      and "execute" in p.value.spec.duties]
         assert executors, intent.policy
-        verdicts = [authorize(p, intent, bus_connected=True, frozen=False) for p in executors]
+        verdicts = [authorize(p, intent, quorum_refusal=None) for p in executors]
         assert any(v.allowed for v in verdicts), (intent.id, verdicts)
         assert all(v.needs_quorum == (intent.quorum is not None) for v in verdicts)
 

@@ -274,7 +274,7 @@ async def test_each_persona_can_do_what_its_scopes_allow_and_gets_403_otherwise(
             assert outcome.ok, f"{name} {action}: {outcome.detail}"
         elif (name, scope_of(it)) in INDISTINGUISHABLE:
             assert outcome.ok, f"{name} {action}: {outcome.detail}"
-            verdict = authorize(who, it, bus_connected=True, frozen=False)
+            verdict = authorize(who, it, quorum_refusal=None)
             assert not verdict.allowed
             assert verdict.reason.startswith(f"scope {scope_of(it)} is not granted to {name}")
         else:

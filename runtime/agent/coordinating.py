@@ -221,7 +221,7 @@ class Coordinator:
     def refusal(self) -> str | None:
         """Why destructive work must not start now, or None when it may."""
         if not self.connected:
-            return "bus down: destructive actions need a quorum"
+            return "bus down"
         if self.problems:
             return "bus resources have incompatible settings: " + "; ".join(self.problems)
         if self.kv is None:

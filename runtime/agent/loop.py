@@ -303,9 +303,8 @@ class Agent:
         context = {"intent": intent.id, "action": intent.action.name,
                    "target": intent.target.key, "destructive": intent.destructive}
         bus_refusal = (self.coordinator.refusal() if self.coordinator is not None
-                       else "no bus identity: this agent cannot take part in a quorum")
-        verdict = authorize(self.persona, intent, bus_connected=bus_refusal is None,
-                            frozen=False)
+                       else "bus down (no bus identity to sign with)")
+        verdict = authorize(self.persona, intent, quorum_refusal=bus_refusal)
         if "execute" not in self.persona.spec.duties:
             # A voter runs the policies to know what executors will propose and to judge
             # it; carrying out the remedies is not its duty, so this is no refusal worth
@@ -316,9 +315,7 @@ class Agent:
             return
         reason: str | None = None
         if not verdict.allowed:
-            # authorize() only knows "bus down"; say what exactly is wrong with it.
-            reason = verdict.reason if not verdict.needs_quorum or bus_refusal is None else (
-                f"{verdict.reason} ({bus_refusal})")
+            reason = verdict.reason
         else:
             try:
                 actuator = self.actuators.lookup(intent.action.name)

@@ -35,7 +35,7 @@ from runtime.config.credentials import (
     credential_path,
     load_signer,
 )
-from runtime.config.loading import ConfigSet
+from runtime.config.loading import ConfigSet, bus_urls
 from runtime.core.engine import PolicyEngine
 from runtime.core.ports import Actuator, Actuators
 from runtime.host.acting import host_actuators
@@ -46,13 +46,6 @@ from runtime.kube.client import KubeconfigError
 from runtime.kube.observing import kubernetes_observer
 
 log = structlog.get_logger()
-
-
-def bus_urls(config: ConfigSet, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-    """The bus to connect to: ``$ZETA_NATS_URL`` (comma-separated) overrides fleet.yaml."""
-    if override := environ.get("ZETA_NATS_URL", "").strip():
-        return tuple(u.strip() for u in override.split(",") if u.strip())
-    return config.fleet.spec.bus.urls
 
 
 def build(config: ConfigSet, persona_name: str, *, state_dir: Path,

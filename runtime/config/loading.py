@@ -9,9 +9,10 @@ annotations understand.
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -372,3 +373,10 @@ def load(paths: Iterable[Path], *, strict: bool = True) -> ConfigSet:
     if strict and config.errors:
         raise ConfigInvalidError(config.errors)
     return config
+
+
+def bus_urls(config: ConfigSet, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The bus to connect to: ``$ZETA_NATS_URL`` (comma-separated) overrides fleet.yaml."""
+    if override := environ.get("ZETA_NATS_URL", "").strip():
+        return tuple(u.strip() for u in override.split(",") if u.strip())
+    return config.fleet.spec.bus.urls

@@ -8,7 +8,8 @@ refusal names what is missing. The rules, in order:
    scopes (its tier's preset plus its own), exactly as ``runtime.model.scopes.allows``
    reads them: no scope, no action;
 3. an intent that needs a quorum (destructive, or given one by its policy) is refused
-   while the bus is down (no quorum can be asked for) or the fleet is frozen;
+   while none can be asked for: the bus link's own refusal (bus down, resources not
+   as configured, JetStream not answering, the fleet frozen) is the reason given;
 4. otherwise it is allowed, and ``needs_quorum`` says whether the votes come first.
 """
 
@@ -28,8 +29,12 @@ class Verdict:
     reason: str
 
 
-def authorize(persona: Persona, intent: Intent, *, bus_connected: bool, frozen: bool) -> Verdict:
-    """Decide whether ``persona`` may carry out ``intent`` now."""
+def authorize(persona: Persona, intent: Intent, *, quorum_refusal: str | None) -> Verdict:
+    """Decide whether ``persona`` may carry out ``intent`` now.
+
+    ``quorum_refusal`` is why no quorum can be asked for right now (the bus link's
+    ``refusal()``), or None when one can.
+    """
     needs_quorum = intent.destructive or intent.quorum is not None
     if "execute" not in persona.spec.duties:
         return Verdict(False, needs_quorum,
@@ -45,10 +50,8 @@ def authorize(persona: Persona, intent: Intent, *, bus_connected: bool, frozen: 
         return Verdict(False, needs_quorum,
                        f"scope {scope} is not granted to {persona.name} "
                        f"({intent.action.name} on {intent.target.key})")
-    if needs_quorum and not bus_connected:
+    if needs_quorum and quorum_refusal is not None:
         what = "destructive actions need" if intent.destructive else f"{intent.action.name} needs"
-        return Verdict(False, True, f"bus down: {what} a quorum")
-    if needs_quorum and frozen:
-        return Verdict(False, True, "fleet frozen: no action that needs a quorum runs until thawed")
+        return Verdict(False, True, f"{quorum_refusal}: {what} a quorum")
     return Verdict(True, needs_quorum,
                    f"{scope} granted" + ("; needs a quorum first" if needs_quorum else ""))

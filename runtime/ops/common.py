@@ -10,8 +10,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from runtime.agent import wiring
-from runtime.config.loading import ConfigError, ConfigInvalidError, ConfigSet, config_paths, load
+from runtime.config.loading import (
+    ConfigError,
+    ConfigInvalidError,
+    ConfigSet,
+    bus_urls,
+    config_paths,
+    load,
+)
 from runtime.model.formats import DEFAULT_FLEET, Fleet, Persona
 
 CONFIG_ENV = "ZETA_CONFIG_DIR"
@@ -65,7 +71,7 @@ def persona_in(config: ConfigSet, name: str, directory: Path) -> Persona:
 
 def bus_urls_of(args: argparse.Namespace, config: ConfigSet) -> list[str]:
     """--bus, else $ZETA_NATS_URL, else fleet.yaml: the same order as the agents use."""
-    return list(args.bus or wiring.bus_urls(config))
+    return list(args.bus or bus_urls(config))
 
 
 def read_seed(path: Path | None) -> bytes | None:
