@@ -30,6 +30,7 @@ Usage: .venv/bin/python -m bench.footprint [--window S] [--starts N] [--persona 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import select
@@ -48,6 +49,7 @@ from lab.controlplane import ControlPlane
 from lab.fleet import (
     AgentProcess,
     deployment,
+    init_bus,
     install_kubernetes,
     persona_users,
     prepare_config,
@@ -58,6 +60,7 @@ from lab.natsserver import NatsServer
 from lab.nodesim import JsonApi, NodeSimulator
 from lab.tools import stderr_progress as progress
 from runtime.agent import logs
+from runtime.config.loading import config_paths, load
 
 RSS_TARGET = 80e6  # bytes
 CPU_TARGET = 0.01  # of one core
@@ -270,6 +273,9 @@ def run(workdir: Path, persona: str, starts: int, window: float) -> list[Case]:
     with NatsServer(workdir / "nats") as server:
         bare = workdir / "bare"
         names = prepare_config(REPO, bare / "config", tick=TICK, nats_url=server.url)
+        # As an operator does once (`zeta-agent bus init`): agents only check the bus's
+        # resources, and without them run degraded ("resources incompatible").
+        asyncio.run(init_bus(server.url, load(config_paths(bare / "config"))))
         others = [name for name in names if name != persona]
         with peers(bare / "config", bare, others):
             measure(cases[0], bare / "config", bare, persona, starts=starts, window=window)

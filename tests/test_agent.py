@@ -44,9 +44,9 @@ from runtime.host.observing import (
     host_observers,
     parse_meminfo,
     parse_pressure,
-    parse_show,
     watched_units,
 )
+from runtime.host.systemctl import Systemctl, parse_show
 from runtime.model.catalog import EscalateParams
 from runtime.model.formats import Persona, RepairPolicy
 from runtime.model.snapshot import Snapshot, SourceStatus, UnitObs
@@ -599,7 +599,8 @@ async def test_the_unit_observer_runs_systemctl_with_a_strict_argument_list(
     (tmp_path / "show.txt").write_text(SHOW)
     fake = _script(tmp_path / "systemctl",
                    f'printf "%s\\n" "$@" > {args}\ncat {tmp_path / "show.txt"}\n')
-    observed = await UnitObserver(["kubelet.service", "-evil"], systemctl=fake).observe(T0)
+    observed = await UnitObserver(["kubelet.service", "-evil"],
+                                  systemctl=Systemctl(fake)).observe(T0)
     assert args.read_text().splitlines() == [
         "show", "--no-pager", "--property=Id,LoadState,ActiveState,SubState,NRestarts", "--",
         "kubelet.service", "-evil"]
@@ -611,19 +612,24 @@ async def test_the_unit_observer_reports_a_failing_or_missing_systemctl(
         tmp_path: Path) -> None:
     failing = _script(tmp_path / "systemctl",
                       "echo 'System has not been booted with systemd' >&2\nexit 1\n")
-    observed = await UnitObserver(["kubelet.service"], systemctl=failing).observe(T0)
+    observed = await UnitObserver(["kubelet.service"], systemctl=Systemctl(failing)).observe(T0)
+    show = "show --no-pager --property=Id,LoadState,ActiveState,SubState,NRestarts --"
     assert observed.data == {}
     assert observed.status == SourceStatus(
-        ok=False, detail=f"{failing} show exited 1: System has not been booted with systemd")
+        ok=False, detail=f"`{failing} {show} kubelet.service`: exit 1: "
+                         "System has not been booted with systemd")
 
+    nope = tmp_path / "nope"
     missing = await UnitObserver(["kubelet.service"],
-                                 systemctl=str(tmp_path / "nope")).observe(T0)
+                                 systemctl=Systemctl(str(nope))).observe(T0)
     assert missing.data == {}
-    assert missing.status.detail.startswith(f"cannot run {tmp_path / 'nope'}:")
+    assert missing.status.detail.startswith(f"`{nope} {show} kubelet.service`: cannot run it:")
 
     slow = _script(tmp_path / "slow", "exec sleep 5\n")
-    timed_out = await UnitObserver(["a.service"], systemctl=slow, timeout=0.05).observe(T0)
-    assert timed_out.status == SourceStatus(ok=False, detail=f"{slow} show timed out after 0.05s")
+    timed_out = await UnitObserver(["a.service"], systemctl=Systemctl(slow),
+                                   timeout=0.05).observe(T0)
+    assert timed_out.status == SourceStatus(
+        ok=False, detail=f"`{slow} {show} a.service`: no answer within 0.05s")
 
 
 MEMINFO = "MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    4000000 kB\n"

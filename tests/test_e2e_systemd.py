@@ -31,7 +31,7 @@ from lab.controlplane import ControlPlane
 from lab.fleet import prepare_config
 from lab.natsserver import free_ports
 from lab.tools import Progress, ToolUnavailableError
-from runtime.host.acting import POLKIT_DENIALS
+from runtime.host.systemctl import POLKIT_DENIALS
 from tests.conftest import REPO
 from tests.k8s import past_capture
 from tests.nspawn import VENV, Container, prerequisites

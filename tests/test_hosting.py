@@ -23,15 +23,9 @@ from runtime.agent.wiring import build
 from runtime.config.loading import config_paths, load
 from runtime.core.engine import Intent
 from runtime.core.ports import Actuator, Fence, Outcome, unfenced
-from runtime.host.acting import (
-    POLKIT_DENIALS,
-    PeerRestart,
-    Reboot,
-    Systemctl,
-    UnitChange,
-    host_actuators,
-)
+from runtime.host.acting import PeerRestart, Reboot, UnitChange, host_actuators
 from runtime.host.observing import UnitObserver
+from runtime.host.systemctl import POLKIT_DENIALS, Systemctl
 from runtime.model.catalog import UnitParams
 from runtime.model.formats import Persona
 from tests.builders import T0, intent, persona, stale

@@ -22,39 +22,32 @@ or a CI runner that systemd manages, never touches this host's units.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import structlog
 
 from bus.subjects import PERSONA_NAME
 from runtime.core.engine import Intent
 from runtime.core.ports import Actuator, Fence, Outcome
-from runtime.host.notify import child_environment
-from runtime.host.observing import UNIT_PROPERTIES, parse_show, show_properties
+from runtime.host.systemctl import (
+    PolkitDeniedError,
+    Systemctl,
+    SystemctlError,
+    SystemctlTimeoutError,
+    UnitState,
+)
 from runtime.model.catalog import UnitParams
 from runtime.model.formats import Persona
 from runtime.model.scopes import ScopeError, allows
-from runtime.model.snapshot import UnitObs
 
 log = structlog.get_logger()
 
-SYSTEMCTL = "systemctl"
 AGENT_UNIT = "zeta-agent@{persona}.service"
 """The unit of a persona's agent (systemd/zeta-agent@.service)."""
-CALL_TIMEOUT = 20.0
-"""Seconds to wait for ``systemctl start|restart``, which waits for systemd's job.
-
-Short enough that the tick carrying the repair stays within the agent's own watchdog
-bound; a job still running then goes on in systemd, and the unit's state says so."""
-SHOW_TIMEOUT = 5.0
-POLKIT_DENIALS = ("Access denied", "Interactive authentication required")
-"""What systemctl prints when polkit (or D-Bus policy) refuses the call."""
 UNIT_VERBS: Mapping[str, str] = {"host.unit.start": "start", "host.unit.restart": "restart"}
 """The systemctl verb of each unit action: also polkit's ``action.lookup("verb")``."""
 PEER_VERB = "restart"
@@ -87,96 +80,6 @@ def agent_unit(persona: str) -> str:
     if not PERSONA_NAME.match(persona):
         raise ValueError(f"{persona!r} is not a persona name")
     return AGENT_UNIT.format(persona=persona)
-
-
-# ---------------------------------------------------------------- systemctl
-
-
-class SystemctlError(Exception):
-    """A systemctl call failed; names the call and systemctl's own words."""
-
-    def __init__(self, argv: Sequence[str], message: str) -> None:
-        self.command = " ".join(argv)
-        self.message = message
-        super().__init__(f"`{self.command}`: {message}")
-
-
-class PolkitDeniedError(SystemctlError):
-    """polkit said no: the installed rules do not match the persona's scopes."""
-
-
-class SystemctlTimeoutError(SystemctlError):
-    """systemctl did not answer in time (systemd's job may still be running)."""
-
-
-@dataclass(frozen=True)
-class UnitState:
-    """One unit as ``systemctl show`` describes it."""
-
-    unit: UnitObs
-    file_state: str  # UnitFileState: enabled, disabled, masked, static, … ("" if none)
-
-    @property
-    def exists(self) -> bool:
-        return self.unit.load_state not in ("not-found", "")
-
-    def __str__(self) -> str:
-        u = self.unit
-        enabled = f", {self.file_state}" if self.file_state else ""
-        return (f"{u.name}: {u.load_state}, {u.active_state}/{u.sub_state}{enabled}, "
-                f"{u.n_restarts} restarts")
-
-
-class Systemctl:
-    """Runs ``systemctl`` with an explicit argument list and a timeout; never a shell."""
-
-    def __init__(self, binary: str = SYSTEMCTL, *, call_timeout: float = CALL_TIMEOUT,
-                 show_timeout: float = SHOW_TIMEOUT) -> None:
-        self.binary = binary
-        self.call_timeout = call_timeout
-        self.show_timeout = show_timeout
-
-    def argv(self, verb: str, unit: str | None = None) -> list[str]:
-        """The command line for a change: no password prompt, and "--" before the unit."""
-        return [self.binary, "--no-ask-password", verb, *(("--", unit) if unit else ())]
-
-    async def show(self, unit: str) -> UnitState:
-        """Read ``unit``'s state; a unit systemd does not know has LoadState ``not-found``."""
-        argv = [self.binary, "show", "--no-pager",
-                f"--property={','.join((*UNIT_PROPERTIES, 'UnitFileState'))}", "--", unit]
-        out = await self._call(argv, self.show_timeout)
-        units = parse_show(out)
-        if len(units) != 1:
-            raise SystemctlError(argv, f"expected one unit in the output, got {len(units)}")
-        return UnitState(units[0], show_properties(out)[0].get("UnitFileState", ""))
-
-    async def change(self, verb: str, unit: str | None = None) -> None:
-        """``systemctl --no-ask-password VERB [-- UNIT]``; raises SystemctlError on failure."""
-        await self._call(self.argv(verb, unit), self.call_timeout)
-
-    async def _call(self, argv: list[str], within: float) -> str:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=child_environment())
-        except OSError as exc:
-            raise SystemctlError(argv, f"cannot run it: {exc.strerror or exc}") from exc
-        try:
-            async with asyncio.timeout(within):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            # Killing the client does not cancel systemd's job: the unit's state says how
-            # it went, and the caller reads it.
-            proc.kill()
-            await proc.wait()
-            raise SystemctlTimeoutError(argv, f"no answer within {within:g}s") from None
-        if proc.returncode != 0:
-            message = " ".join(err.decode(errors="replace").split()) or "no message"
-            kind = (PolkitDeniedError if any(d in message for d in POLKIT_DENIALS)
-                    else SystemctlError)
-            raise kind(argv, f"exit {proc.returncode}: {message}")
-        return out.decode(errors="replace")
 
 
 # ---------------------------------------------------------------- actuators

@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 import structlog
 
 from runtime.core.ports import Domain, Observed, Observer, ProbeSource
-from runtime.host.notify import child_environment
+from runtime.host.systemctl import Systemctl, SystemctlError
 from runtime.model.catalog import UnitParams
 from runtime.model.formats import Fleet, RepairPolicy, UnitFailedDetect
-from runtime.model.snapshot import ApiProbe, HostHealth, SourceStatus, UnitObs
+from runtime.model.snapshot import ApiProbe, HostHealth, SourceStatus
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -47,68 +47,23 @@ def watched_units(policies: Iterable[RepairPolicy]) -> tuple[str, ...]:
     return tuple(sorted(units))
 
 
-UNIT_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "NRestarts")
-
-
-def show_properties(text: str) -> list[dict[str, str]]:
-    """``systemctl show`` output as one dict of properties per unit (blank-line-separated)."""
-    return [dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
-            for block in text.strip().split("\n\n")]
-
-
-def parse_show(text: str) -> tuple[UnitObs, ...]:
-    """Parse ``systemctl show --property=…`` output: one blank-line-separated block per unit."""
-    units = []
-    for fields in show_properties(text):
-        if not fields.get("Id"):
-            continue
-        restarts = fields.get("NRestarts", "")
-        units.append(UnitObs(
-            name=fields["Id"],
-            load_state=fields.get("LoadState", ""),
-            active_state=fields.get("ActiveState", ""),
-            sub_state=fields.get("SubState", ""),
-            # Only services count restarts; other unit types leave it empty.
-            n_restarts=int(restarts) if restarts.isdigit() else 0,
-        ))
-    return tuple(units)
-
-
 class UnitObserver:
     """The state of the systemd units this persona's policies care about."""
 
     name = "units"
     provides: frozenset[Domain] = frozenset({"units"})
 
-    def __init__(self, units: Sequence[str], *, systemctl: str = "systemctl",
+    def __init__(self, units: Sequence[str], *, systemctl: Systemctl | None = None,
                  timeout: float = 3.0) -> None:
         self.units = tuple(units)
-        self.systemctl = systemctl
+        self.systemctl = systemctl or Systemctl()
         self.timeout = timeout
 
     async def observe(self, now: datetime) -> Observed:
-        # "--" ends the options: unit names come from policy files, not from us.
-        argv = [self.systemctl, "show", "--no-pager",
-                f"--property={','.join(UNIT_PROPERTIES)}", "--", *self.units]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env=child_environment())
-        except OSError as exc:
-            return _failed(f"cannot run {self.systemctl}: {exc.strerror or exc}")
-        try:
-            async with asyncio.timeout(self.timeout):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return _failed(f"{self.systemctl} show timed out after {self.timeout:g}s")
-        if proc.returncode != 0:
-            message = err.decode(errors="replace").strip().splitlines()
-            return _failed(f"{self.systemctl} show exited {proc.returncode}: "
-                           f"{message[0] if message else 'no message'}")
-        units = parse_show(out.decode(errors="replace"))
+            units = await self.systemctl.show_units(self.units, within=self.timeout)
+        except SystemctlError as exc:
+            return _failed(str(exc))
         return Observed({"units": units}, SourceStatus(ok=True, detail=f"{len(units)} units"))
 
 
