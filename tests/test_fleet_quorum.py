@@ -273,3 +273,21 @@ async def test_peers_not_heard_from_yet_are_not_silent_at_start_up() -> None:
     assert detect(spec, Snapshot(at=now, peers=peers)).matches == {}
     later = Snapshot(at=started + timedelta(seconds=46), peers=peers)
     assert len(detect(spec, later).matches) == 4
+
+
+def test_the_loop_and_the_bus_link_read_one_injected_clock(tmp_path: Path) -> None:
+    """The wiring hands the same wall clock to the loop and the bus link, so the times they
+    report to one engine (started, finished, refused) never come from two clocks."""
+    config_dir = tmp_path / "config"
+    prepare_config(REPO, config_dir, tick=None, nats_url="nats://127.0.0.1:1", dry_run=True)
+    config = load(config_paths(config_dir))
+    fixed = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+    def wall() -> datetime:
+        return fixed
+
+    otto = build(config, "otto", state_dir=tmp_path / "state", environ={}, host="cp-1",
+                 wall=wall)
+    assert otto.coordinator is not None
+    assert otto._wall is wall
+    assert otto.coordinator.wall is wall

@@ -25,7 +25,7 @@ import typing
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import structlog
 from pydantic import ValidationError
@@ -69,7 +69,7 @@ from runtime.core.engine import (
     required,
     required_at,
 )
-from runtime.core.ports import Actuator, Domain, Fence, Observed, Outcome
+from runtime.core.ports import Actuator, Domain, Fence, Observed, Outcome, Wall, utc_now
 from runtime.core.targets import finding_behind
 from runtime.model import scopes
 from runtime.model.catalog import lookup
@@ -161,8 +161,10 @@ class Roster:
 class Coordinator:
     def __init__(self, *, persona: Persona, config: ConfigSet, signer: Signer, host: str,
                  connection: Connection, engine: PolicyEngine, journal: Journal,
-                 heartbeat_every: float = HEARTBEAT_EVERY, metrics: Metrics | None = None) -> None:
+                 heartbeat_every: float = HEARTBEAT_EVERY, metrics: Metrics | None = None,
+                 wall: Wall = utc_now) -> None:
         self.persona = persona
+        self.wall = wall
         self.metrics = metrics or Metrics.of(persona)
         self.config = config
         self.engine = engine
@@ -270,7 +272,7 @@ class Coordinator:
             await self.connection.subscribe("zeta.agent.*.heartbeat", self._on_heartbeat)
             await self.connection.subscribe("zeta.repair.*.decided", self._on_decided)
             self._subscribed = True
-            self.listening_since = datetime.now(UTC)
+            self.listening_since = self.wall()
         await self._restore_freeze()
         await self.journal.flush(self.connection)
 
@@ -450,7 +452,7 @@ class Coordinator:
                         retry_after: timedelta | None = None) -> None:
         log.warning("intent refused", reason=reason)
         with contextlib.suppress(ValueError):  # already answered before the flow failed
-            self.engine.refused(intent.id, datetime.now(UTC), reason, retry_after=retry_after)
+            self.engine.refused(intent.id, self.wall(), reason, retry_after=retry_after)
 
     def _proposal(self, intent: Intent, now: datetime) -> Proposal:
         assert intent.quorum is not None
@@ -469,7 +471,7 @@ class Coordinator:
             self._answer_refused(intent, reason, retry_after=BUS_RETRY)
             return
         try:
-            repair, tally = await self.protocol.propose(self._proposal(intent, datetime.now(UTC)))
+            repair, tally = await self.protocol.propose(self._proposal(intent, self.wall()))
         except _BUS_ERRORS as exc:
             self.metrics.proposal("failed")
             self._answer_refused(intent, f"bus failed during the vote, nothing was done: {exc}",
@@ -504,7 +506,7 @@ class Coordinator:
         await self.protocol.send("started", Started(
             executor=self.persona.name, lease=leases.kv_key(lease.target),
             fencing_token=lease.token), repair=repair)
-        self.engine.started(intent.id, datetime.now(UTC))
+        self.engine.started(intent.id, self.wall())
         kv = self.kv
 
         async def fence() -> bool:
@@ -517,7 +519,7 @@ class Coordinator:
             outcome = await run_actuator(actuator, intent, repair, fence)
         else:
             outcome = Outcome(False, f"fencing token {lease.token} is stale: the lease moved on")
-        self.engine.finished(intent.id, datetime.now(UTC), ok=outcome.ok, detail=outcome.detail)
+        self.engine.finished(intent.id, self.wall(), ok=outcome.ok, detail=outcome.detail)
         self.metrics.execution(intent.action.name, ok=outcome.ok)
         log.info("action finished", repair=repair, ok=outcome.ok, detail=outcome.detail,
                  fencing_token=lease.token)
@@ -532,7 +534,7 @@ class Coordinator:
         if self.observing is None or located is None:
             return True
         detection = detect(located.value.spec.detect,
-                           await self.observing.snapshot(datetime.now(UTC)))
+                           await self.observing.snapshot(self.wall()))
         # What cannot be seen right now was confirmed by the quorum a moment ago.
         return not detection.known or intent.finding.target.key in detection.matches
 
@@ -586,7 +588,7 @@ class Coordinator:
         if self.argue is not None:
             # Words only, after the verdict is fixed; half the time left keeps the
             # vote itself inside the quorum deadline.
-            left = (proposal.quorum.deadline - datetime.now(UTC)).total_seconds() / 2
+            left = (proposal.quorum.deadline - self.wall()).total_seconds() / 2
             if left > 0:
                 rationale = await self.argue(proposal, verdict, reason, within=left)
         return Judgement(verdict, reason, evidence, rationale,  # type: ignore[arg-type]
@@ -610,7 +612,7 @@ class Coordinator:
             return "reject", f"fleet frozen: {self.frozen.reason}", {}
         if self.engine.breaker(policy.name) is not None:
             return "reject", f"breaker tripped for {policy.name}", {}
-        now = datetime.now(UTC)
+        now = self.wall()
         if (seen := self._approved_last_hour(policy.name, now)) >= policy.spec.budget.perHour:
             return "reject", (f"budget: {seen}/{policy.spec.budget.perHour} repairs of "
                               f"{policy.name} approved in the last hour"), {}
@@ -761,7 +763,7 @@ class LeaseReleaser:
         lease = await leases.holder(kv, intent.target.name)
         if lease is None:
             return Outcome(True, f"{intent.target.name}: no lease left to release")
-        now = datetime.now(UTC)
+        now = self._coordinator.wall()
         if lease.expires > now:
             return Outcome(False, f"the lease of repair {lease.repair} is valid until "
                                   f"{lease.expires.isoformat()}: not releasing it")

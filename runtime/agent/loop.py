@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from runtime.core.engine import (
     RepairVerified,
     StepFailed,
 )
-from runtime.core.ports import Actuators, NoActuatorError
+from runtime.core.ports import Actuators, NoActuatorError, Wall, utc_now
 from runtime.host.notify import Notifier
 from runtime.model.formats import Persona
 
@@ -156,7 +156,7 @@ class Agent:
                  actuators: Actuators, notifier: Notifier, timing: Timing,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 wall: Wall = utc_now,
                  coordinator: Coordinator | None = None,
                  deliberator: Deliberator | None = None,
                  metrics: Metrics | None = None) -> None:

@@ -13,7 +13,6 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -37,7 +36,7 @@ from runtime.config.credentials import (
 )
 from runtime.config.loading import ConfigSet, bus_urls
 from runtime.core.engine import PolicyEngine
-from runtime.core.ports import Actuator, Actuators
+from runtime.core.ports import Actuator, Actuators, Wall, utc_now
 from runtime.host.acting import host_actuators
 from runtime.host.notify import Notifier, watchdog_interval
 from runtime.host.observing import host_observers
@@ -50,8 +49,11 @@ log = structlog.get_logger()
 
 def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
           environ: Mapping[str, str] = os.environ,
-          actuators: Mapping[str, Actuator] | None = None, host: str | None = None) -> Agent:
-    """The agent for one persona of a loaded configuration, wired to this host and the bus."""
+          actuators: Mapping[str, Actuator] | None = None, host: str | None = None,
+          wall: Wall = utc_now) -> Agent:
+    """The agent for one persona of a loaded configuration, wired to this host and the bus.
+
+    ``wall`` is the one wall clock the loop, the bus link and deliberation share."""
     persona = config.persona(persona_name)
     policies = config.policies_of(persona)
     interval = watchdog_interval(environ)
@@ -80,7 +82,8 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
             persona=persona, config=config, signer=signer, host=host,
             connection=Connection(urls, name=f"zeta-agent@{persona.name}", seed=signer.seed,
                                   inbox_prefix=subjects.inbox(persona.name)),
-            engine=engine, journal=Journal(state_dir / "journal.jsonl"), metrics=metrics)
+            engine=engine, journal=Journal(state_dir / "journal.jsonl"), metrics=metrics,
+            wall=wall)
         observers += coordinator.observers()
     observing = Observing(observers, timeout=timing.observe_timeout, host=host)
     # Host actuators only under systemd: see runtime.host.acting.
@@ -97,7 +100,7 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
     registry = Actuators({**available, **(actuators or {})})
     deliberator = None
     if (thinker := thinker_for(config, persona_name, environ, metrics=metrics)) is not None:
-        deliberator = Deliberator(thinker, engine, wall=lambda: datetime.now(UTC))
+        deliberator = Deliberator(thinker, engine, wall=wall)
         if coordinator is not None:
             coordinator.argue = thinker.argue
     log.info("starting", version=__version__, policies=list(persona.spec.policies),
@@ -111,7 +114,7 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
              actuators=sorted(registry.names) or "none: every intent that would act is refused")
     return Agent(persona, engine=engine, observing=observing, actuators=registry,
                  notifier=notifier, timing=timing, coordinator=coordinator,
-                 deliberator=deliberator, metrics=metrics)
+                 deliberator=deliberator, metrics=metrics, wall=wall)
 
 
 def serve(config: ConfigSet, persona_name: str, *, state_dir: Path, once: bool = False,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal, Protocol, TypedDict, get_args
 
 from runtime.core.engine import Intent
@@ -25,6 +25,18 @@ from runtime.model.snapshot import (
     SourceStatus,
     UnitObs,
 )
+
+# ---------------------------------------------------------------- the clock
+
+Wall = Callable[[], datetime]
+"""The one wall clock of an agent: everything that reports a time to the engine (the
+loop, the bus link, deliberation) reads the same one, injected by the wiring."""
+
+
+def utc_now() -> datetime:
+    """The system's wall clock, aware, in UTC: the production ``Wall``."""
+    return datetime.now(UTC)
+
 
 # ---------------------------------------------------------------- observing
 
