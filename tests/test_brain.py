@@ -61,8 +61,11 @@ def incident() -> Snapshot:
 
 
 def settings(**given: Any) -> AnthropicBrain:
+    # 10 s, not 2: the first call in a process also imports the anthropic SDK (about 1 s
+    # on this machine, more on a loaded one), and a happy-path test must not time out.
+    # The deadline tests give their own short timeout.
     return AnthropicBrain.model_validate({"kind": "anthropic", "model": "claude-test",
-                                          "timeout": "2s", **given})
+                                          "timeout": "10s", **given})
 
 
 def thinker(config: ConfigSet, api: MessagesApi | None, tmp_path: Path, *, name: str = "otto",
