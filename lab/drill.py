@@ -608,8 +608,9 @@ class Lab:
         mark = len(fleet.tap.seen)
         victims = [n for n in sim.nodes if n.startswith("worker")][-BREAKER_NODES:]
         changes_before = len(fleet.kubernetes_changes())
-        for name in victims:
-            sim.stop_heartbeats(name)
+        # At once: staggered lease expiries would let the first victim be NotReady
+        # for the policy's `for:` while fewer than the breaker's 30% are down.
+        await asyncio.to_thread(sim.stop_heartbeats_together, victims)
         self.say(f"stopped the kubelets of {', '.join(victims)}: {BREAKER_NODES}/9 nodes")
         try:
             status = await wait_until(lambda: next(

@@ -475,6 +475,16 @@ class NodeSimulator:
             self._nodes[node].alive = False
             self._candidates = None
 
+    def stop_heartbeats_together(self, nodes: Sequence[str]) -> None:
+        """Several kubelets die at the same moment: each renews its Lease and posts its
+        status once more, right now, then stops. Their leases then expire together, not
+        up to a renewal interval apart, so the node controller sees them fail at once."""
+        for node in nodes:
+            self._renew_lease(node)
+            self._post_status(node, False)
+        for node in nodes:
+            self.stop_heartbeats(node)
+
     def resume_heartbeats(self, node: str) -> None:
         """The kubelet is back: it posts Ready at once and catches up on its pods."""
         with self._lock:
