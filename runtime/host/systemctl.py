@@ -100,8 +100,7 @@ class Systemctl:
 
     async def show(self, unit: str) -> UnitState:
         """Read ``unit``'s state; a unit systemd does not know has LoadState ``not-found``."""
-        argv = [self.binary, "show", "--no-pager",
-                f"--property={','.join((*UNIT_PROPERTIES, 'UnitFileState'))}", "--", unit]
+        argv = self._show_argv((*UNIT_PROPERTIES, "UnitFileState"), [unit])
         out = await self._call(argv, self.show_timeout)
         units = parse_show(out)
         if len(units) != 1:
@@ -110,10 +109,12 @@ class Systemctl:
 
     async def show_units(self, units: Sequence[str], *, within: float) -> tuple[UnitObs, ...]:
         """The states of ``units`` in one call (the unit observer's, every tick)."""
+        return parse_show(await self._call(self._show_argv(UNIT_PROPERTIES, units), within))
+
+    def _show_argv(self, properties: Sequence[str], units: Sequence[str]) -> list[str]:
         # "--" ends the options: unit names come from policy files, not from us.
-        argv = [self.binary, "show", "--no-pager", f"--property={','.join(UNIT_PROPERTIES)}",
+        return [self.binary, "show", "--no-pager", f"--property={','.join(properties)}",
                 "--", *units]
-        return parse_show(await self._call(argv, within))
 
     async def change(self, verb: str, unit: str | None = None) -> None:
         """``systemctl --no-ask-password VERB [-- UNIT]``; raises SystemctlError on failure."""
