@@ -45,7 +45,7 @@ from bus.reading import Stored
 from lab.controlplane import ControlPlane
 from lab.natsserver import free_ports
 from lab.nodesim import api_client
-from runtime.agent.coordinating import Roster, jetstream_settings
+from runtime.agent.link import Roster, jetstream_settings
 from runtime.config.credentials import write_seed
 from runtime.config.loading import ConfigSet, config_paths, load, yaml_files
 from runtime.model.durations import format_duration

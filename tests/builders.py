@@ -5,13 +5,28 @@ Time is always explicit: ``at(90)`` is 90 seconds after ``T0``; nothing reads a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from bus.connection import Connection
+from bus.journal import Journal
+from bus.keys import Signer, generate_user_seed
 from bus.messages import Target
-from runtime.core.engine import Finding, Intent
-from runtime.core.ports import Fence, Outcome
+from runtime.agent.deliberating import Deliberator
+from runtime.agent.execution import Execution
+from runtime.agent.link import BusLink, BusView
+from runtime.agent.loop import Agent, Timing
+from runtime.agent.metrics import Metrics
+from runtime.agent.observing import Observing
+from runtime.agent.voting import Voter
+from runtime.config.loading import ConfigSet
+from runtime.core.engine import Finding, Intent, PolicyEngine
+from runtime.core.ports import Actuators, Fence, Outcome, Wall, utc_now
+from runtime.host.notify import Notifier
 from runtime.model.catalog import REPAIR_ANNOTATION, Params, lookup
 from runtime.model.formats import Persona, Remedy, RepairPolicy
 from runtime.model.snapshot import (
@@ -147,3 +162,37 @@ def intent(action: str, target: Target, params: Params | None = None, *, dry_run
 async def stale() -> bool:
     """The fence of an executor whose lease has moved on."""
     return False
+
+
+def local_agent(persona: Persona, *, engine: PolicyEngine, observing: Observing,
+                actuators: Actuators, notifier: Notifier, timing: Timing,
+                wall: Wall = utc_now, clock: Callable[[], float] = time.monotonic,
+                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                deliberator: Deliberator | None = None) -> Agent:
+    """An agent without a bus, built in the wiring's order: what needs a quorum is
+    refused, everything else runs and is logged."""
+    metrics = Metrics.of(persona)
+    execution = Execution(persona, engine=engine, actuators=actuators, observing=observing,
+                          link=None, metrics=metrics, wall=wall,
+                          tick=timedelta(seconds=timing.tick))
+    return Agent(persona, engine=engine, observing=observing, execution=execution,
+                 notifier=notifier, timing=timing, metrics=metrics, clock=clock, sleep=sleep,
+                 wall=wall, deliberator=deliberator)
+
+
+def unconnected_bus(config: ConfigSet, name: str, *, observing: Observing | None = None,
+                    journal: Path = Path("never-written.jsonl")) -> tuple[BusLink, Voter]:
+    """The persona's bus link (never connected: its state is what the test sets) and
+    its voter, built in the wiring's order."""
+    persona = config.persona(name)
+    metrics = Metrics.of(persona)
+    engine = PolicyEngine(config.policies_of(persona))
+    view = BusView(Connection(["nats://127.0.0.1:1"], name="t", seed=None), persona=name,
+                   personas=config.personas, lease_ttl=timedelta(minutes=5))
+    voter = Voter(persona, config=config, engine=engine,
+                  observing=observing or Observing([], timeout=1, host="cp-1"), view=view,
+                  metrics=metrics, wall=utc_now)
+    link = BusLink(view, persona=persona, config=config, signer=Signer(generate_user_seed()),
+                   host="cp-1", engine=engine, journal=Journal(journal), metrics=metrics,
+                   assess=voter.assess)
+    return link, voter

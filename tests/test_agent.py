@@ -50,7 +50,7 @@ from runtime.host.systemctl import Systemctl, parse_show
 from runtime.model.catalog import EscalateParams
 from runtime.model.formats import Persona, RepairPolicy
 from runtime.model.snapshot import Snapshot, SourceStatus, UnitObs
-from tests.builders import T0, RecordingActuator, intent, persona, policy, probe, unit
+from tests.builders import T0, RecordingActuator, intent, local_agent, persona, policy, probe, unit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,7 +174,7 @@ def make_agent(time: FakeTime, observers: Sequence[Observer], *,
                timing: Timing | None = None,
                notifier: RecordingNotifier | None = None) -> tuple[Agent, RecordingNotifier]:
     notifier = notifier or RecordingNotifier(time)
-    agent = Agent(
+    agent = local_agent(
         who, engine=engine or PolicyEngine(policies), notifier=notifier,
         observing=Observing(observers, timeout=3600, host="cp-1"),
         actuators=actuators or Actuators(),
@@ -397,7 +397,7 @@ async def test_a_quorum_intent_never_runs_without_a_bus_identity() -> None:
     actuator = RecordingActuator(Outcome(ok=True))
     agent, _ = make_agent(time, [ProbeObserver()], policies=[K3S_RESTART],
                           actuators=Actuators({"host.unit.restart": actuator}))
-    assert agent.coordinator is None
+    assert agent.link is None
     with capture_logs() as logs:
         await agent.tick()
     [refused] = [e for e in logs if e["event"] == "intent refused"]

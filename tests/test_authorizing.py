@@ -48,7 +48,7 @@ def executor(*scopes: str, tier: str = "propose",
 
 
 def check(who: Persona, intent: Intent, *, bus: bool = True, frozen: bool = False) -> Verdict:
-    """``authorize`` with the refusal the bus link gives in that state (Coordinator.refusal)."""
+    """``authorize`` with the refusal the bus link gives in that state (BusView.refusal)."""
     refusal = ("bus down" if not bus else
                "fleet frozen by 'change window'" if frozen else None)
     return authorize(who, intent, quorum_refusal=refusal)

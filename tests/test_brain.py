@@ -38,7 +38,7 @@ from runtime.model.catalog import CATALOG
 from runtime.model.formats import AnthropicBrain
 from runtime.model.snapshot import EventObs, NodeCondition, NodeObs, Snapshot, SourceStatus
 from runtime.ops.cli import main
-from tests.builders import RecordingActuator
+from tests.builders import RecordingActuator, local_agent
 from tests.conftest import REPO
 from tests.messages_api import Error, MessagesApi, Slow, messages_api_server, reply, text, tool_use
 
@@ -397,7 +397,7 @@ def agent_with_brain(config: ConfigSet, made: Thinker, snapshot: Snapshot
     deliberator = Deliberator(made, engine, wall=wall)
     actuator = RecordingActuator()
     notifier = Statuses()
-    agent = Agent(persona, engine=engine,
+    agent = local_agent(persona, engine=engine,
                   observing=Observing([FixedObserver(snapshot)], timeout=5, host="cp-1"),
                   actuators=Actuators({"k8s.node.cordon": actuator}), notifier=notifier,
                   timing=Timing(tick=15), wall=wall, deliberator=deliberator)

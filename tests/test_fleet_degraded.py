@@ -21,7 +21,6 @@ from bus.messages import Control, Result, Target
 from lab.fleet import prepare_config
 from lab.natsserver import NatsServer
 from runtime.agent.loop import Agent
-from runtime.agent.observing import Observing
 from runtime.agent.wiring import build
 from runtime.config.credentials import CredentialError, load_signer, write_seed
 from runtime.config.loading import config_paths, load
@@ -58,9 +57,8 @@ class FailedKubelet:
 
 def _replace(agent: Agent, observer: Observer) -> None:
     others = [o for o in agent.observing.observers if not o.provides & observer.provides]
-    agent.observing = Observing([*others, observer], timeout=5, host=agent.persona.name)
-    if agent.coordinator is not None:
-        agent.coordinator.observing = agent.observing
+    # In place: the loop, the voter and the execution share this one Observing.
+    agent.observing.observers = (*others, observer)
 
 
 def _fleet(tmp_path: Path, url: str, *, operators: list[dict[str, str]] | None = None,
@@ -109,10 +107,10 @@ async def test_the_bus_dies_mid_vote_nothing_runs_and_the_audit_has_no_duplicate
         nats_server.kill()  # the voters are still observing: no vote has been sent
         await asyncio.sleep(5)  # past the 4 s deadline, with the bus gone
         assert actuator.runs == [], "an action ran without a quorum"
-        assert all(a.coordinator and a.coordinator.refusal() for a in agents.values())
+        assert all(a.execution.refusal() for a in agents.values())
         nats_server.start()  # same port, same store: the agents find it again
         async with asyncio.timeout(20):
-            await _until(lambda: all(a.coordinator and a.coordinator.refusal() is None
+            await _until(lambda: all(a.execution.refusal() is None
                                      for a in agents.values()))
     finally:
         stop.set()
@@ -148,8 +146,8 @@ async def test_a_frozen_fleet_observes_but_does_nothing_destructive_until_thawed
     otto = agents["otto"]
     try:
         async with asyncio.timeout(20):
-            await _until(lambda: otto.coordinator is not None
-                         and otto.coordinator.frozen is not None and otto.ticks >= 4)
+            await _until(lambda: otto.link is not None
+                         and otto.link.view.frozen is not None and otto.ticks >= 4)
         assert actuator.runs == []
         assert otto.engine.status().open_findings >= 1, "a frozen fleet still observes"
         await control("thaw")
@@ -220,15 +218,15 @@ async def test_incompatible_bus_resources_refuse_destructive_work_and_say_which_
     actuator = RecordingActuator(Outcome(ok=True))
     agents = _fleet(tmp_path, bare_nats_server.url, actuators={"host.unit.restart": actuator})
     otto = agents["otto"]
-    assert otto.coordinator is not None
+    assert otto.link is not None
     refusals: list[str] = []
     stop = asyncio.Event()
     tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
     try:
         async with asyncio.timeout(20):
-            await _until(lambda: otto.coordinator is not None and bool(otto.coordinator.problems)
+            await _until(lambda: otto.link is not None and bool(otto.link.view.problems)
                          and otto.ticks >= 4)
-        refusals.append(otto.coordinator.refusal() or "")
+        refusals.append(otto.execution.refusal() or "")
     finally:
         stop.set()
         await asyncio.gather(*tasks)
@@ -285,32 +283,33 @@ async def test_jetstream_not_answering_refuses_destructive_work_and_journal_drai
         tmp_path: Path, nats_server: NatsServer) -> None:
     """The minority side of a partition: the connection stays up, JetStream does not answer."""
     otto = _fleet(tmp_path, nats_server.url, names=("otto",))["otto"]
-    coordinator = otto.coordinator
-    assert coordinator is not None
+    link = otto.link
+    assert link is not None
+    view = link.view
     stop = asyncio.Event()
     task = asyncio.create_task(otto.run(stop))
     try:
         async with asyncio.timeout(20):
-            await _until(lambda: coordinator.kv is not None and coordinator.refusal() is None)
-        bucket = coordinator.kv
-        coordinator.kv = SilentJetStream()  # type: ignore[assignment]
+            await _until(lambda: view.kv is not None and view.refusal() is None)
+        bucket = view.kv
+        view.kv = SilentJetStream()  # type: ignore[assignment]
         async with asyncio.timeout(20):
-            await _until(lambda: coordinator.jetstream_error is not None)
-        assert coordinator.connected
-        assert coordinator.refusal() == ("bus connected but JetStream is not answering: "
+            await _until(lambda: view.jetstream_error is not None)
+        assert view.connected
+        assert view.refusal() == ("bus connected but JetStream is not answering: "
                                          "TimeoutError")
-        assert coordinator.describe() == "bus: connected, JetStream not answering"
+        assert view.describe() == "bus: connected, JetStream not answering"
         # A result journaled meanwhile is published at the next heartbeat, not at the
         # next reconnect (which, with the connection up, may never come).
-        envelope = coordinator.protocol.seal("result", Result(
+        envelope = link.protocol.seal("result", Result(
             outcome="succeeded", detail="kubelet started", action="host.unit.start",
             target=Target(kind="unit", name="kubelet.service", host="otto"),
             policy="kubelet-failed"), repair=new_id())
-        coordinator.journal.append(envelope)
-        coordinator.kv = bucket
+        link.journal.append(envelope)
+        view.kv = bucket
         async with asyncio.timeout(20):
-            await _until(lambda: coordinator.refusal() is None
-                         and not coordinator.journal.path.exists())
+            await _until(lambda: view.refusal() is None
+                         and not link.journal.path.exists())
     finally:
         stop.set()
         await task

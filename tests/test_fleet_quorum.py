@@ -29,9 +29,8 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import Vote
 from lab.fleet import prepare_config
 from lab.natsserver import NatsServer, free_ports
-from runtime.agent.coordinating import BusObserver
+from runtime.agent.link import BusObserver
 from runtime.agent.loop import Agent
-from runtime.agent.observing import Observing
 from runtime.agent.wiring import build
 from runtime.config.loading import config_paths, load
 from runtime.core.detecting import detect
@@ -70,9 +69,8 @@ class Fleet:
         """Give one persona a working path to the API server, so it disagrees."""
         agent = self.agents[name]
         others = [o for o in agent.observing.observers if "apiserver" not in o.provides]
-        agent.observing = Observing([*others, ReachableApi()], timeout=5, host=name)
-        assert agent.coordinator is not None
-        agent.coordinator.observing = agent.observing
+        # In place: the loop, the voter and the execution share this one Observing.
+        agent.observing.observers = (*others, ReachableApi())
 
 
 async def _until(predicate: Callable[[], bool]) -> None:
@@ -224,7 +222,7 @@ async def test_forged_and_replayed_votes_do_not_count_and_nobody_crashes(
     assert body["outcome"] == "rejected"
     assert body["vetoes"] == ["riven"]
     assert fleet.actuator.runs == []
-    otto = fleet.agents["otto"].coordinator
+    otto = fleet.agents["otto"].link
     assert otto is not None
     dropped = otto.verifier.dropped
     assert dropped["wrong-key"] >= 1, dropped
@@ -260,10 +258,9 @@ async def test_peers_not_heard_from_yet_are_not_silent_at_start_up() -> None:
     the first tick), and mutual repair stays off until an operator resets it.
     """
     started = datetime(2026, 11, 27, 6, 0, tzinfo=UTC)
-    coordinator = SimpleNamespace(
-        connected=True, peers={}, listening_since=started,
-        persona=SimpleNamespace(name="otto"), config=SimpleNamespace(personas=dict.fromkeys(NAMES)))
-    observer = BusObserver("peers", coordinator)  # type: ignore[arg-type]
+    view = SimpleNamespace(connected=True, peers={}, listening_since=started,
+                           peer_names=tuple(n for n in NAMES if n != "otto"))
+    observer = BusObserver("peers", view)  # type: ignore[arg-type]
     now = started + timedelta(seconds=10)
     seen = await observer.observe(now)
     peers = seen.data["peers"]
@@ -288,6 +285,7 @@ def test_the_loop_and_the_bus_link_read_one_injected_clock(tmp_path: Path) -> No
 
     otto = build(config, "otto", state_dir=tmp_path / "state", environ={}, host="cp-1",
                  wall=wall)
-    assert otto.coordinator is not None
+    assert otto.link is not None
     assert otto._wall is wall
-    assert otto.coordinator.wall is wall
+    assert otto.link.view.wall is wall
+    assert otto.execution.wall is wall

@@ -356,6 +356,6 @@ def test_build_registers_them_in_the_agent_systemd_started(tmp_path: Path) -> No
     host = {"host.unit.start", "host.unit.restart", "host.node.reboot", "agent.peer.restart"}
     under_systemd = build(config, "otto", state_dir=tmp_path, host=HOST,
                           environ={"SYSTEMD_EXEC_PID": str(os.getpid())})
-    assert host <= set(under_systemd.actuators.names)
+    assert host <= set(under_systemd.execution.actuators.names)
     in_a_terminal = build(config, "otto", state_dir=tmp_path, host=HOST, environ={})
-    assert not host & set(in_a_terminal.actuators.names)
+    assert not host & set(in_a_terminal.execution.actuators.names)

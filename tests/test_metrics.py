@@ -21,21 +21,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from bus.connection import Connection
 from bus.envelope import seal
-from bus.journal import Journal
 from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
 from lab.natsserver import free_ports
-from runtime.agent.coordinating import Coordinator
 from runtime.agent.metrics import Endpoint, Metrics, listen_address, serve, start
 from runtime.brain.asking import BrainUnavailableError
 from runtime.config.loading import ConfigSet, config_paths, load
-from runtime.core.engine import PolicyEngine
 from runtime.core.ports import Actuators, Outcome
 from runtime.model.formats import Persona, TcpListen, UnixListen, parse_listen
 from runtime.ops.render.units import render_unit
-from tests.builders import RecordingActuator, policy, unit
+from tests.builders import RecordingActuator, policy, unconnected_bus, unit
 from tests.messages_api import Error, MessagesApi, messages_api_server, reply, text
 from tests.test_agent import (
     FAILED_KUBELET,
@@ -63,16 +59,6 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def shipped() -> ConfigSet:
     return load(config_paths(REPO))
-
-
-def coordinator(config: ConfigSet, name: str = "alexa") -> Coordinator:
-    """A coordinator that never connects: its bus state is what the test sets."""
-    persona = config.persona(name)
-    return Coordinator(persona=persona, config=config, signer=Signer(generate_user_seed()),
-                       host="cp-1", connection=Connection(["nats://127.0.0.1:1"], name="t",
-                                                          seed=None),
-                       engine=PolicyEngine(config.policies_of(persona)),
-                       journal=Journal(Path("never-written.jsonl")))
 
 
 # ---------------------------------------------------------------- the tick
@@ -160,18 +146,18 @@ async def test_an_execution_is_counted_by_action_and_result(outcome: Outcome | N
 # ---------------------------------------------------------------- the bus
 
 
-def test_a_coordinator_not_connected_reports_zero(shipped: ConfigSet) -> None:
-    assert value(coordinator(shipped).metrics, "zeta_agent_bus_connected") == 0
+def test_a_bus_link_not_connected_reports_zero(shipped: ConfigSet) -> None:
+    assert value(unconnected_bus(shipped, "alexa")[0].metrics, "zeta_agent_bus_connected") == 0
 
 
 def test_an_agent_without_a_bus_reports_it_disconnected() -> None:
     agent, _ = make_agent(FakeTime(), [])
-    assert agent.coordinator is None
+    assert agent.link is None
     assert value(agent.metrics, "zeta_agent_bus_connected") == 0
 
 
 def test_dropped_messages_are_counted_by_reason(shipped: ConfigSet) -> None:
-    made = coordinator(shipped)
+    made, _ = unconnected_bus(shipped, "alexa")
     assert value(made.metrics, "zeta_agent_messages_dropped_total", reason="not-json") == 0
     made.verifier.check("zeta.agent.otto.heartbeat", b"{not json")
     made.verifier.check("zeta.agent.otto.heartbeat", b"{not json")
@@ -182,7 +168,7 @@ def test_dropped_messages_are_counted_by_reason(shipped: ConfigSet) -> None:
 
 
 async def test_a_vote_is_counted_by_its_verdict(shipped: ConfigSet) -> None:
-    riven = coordinator(shipped, "riven")  # a veto holder: her objections are blocks
+    _, riven = unconnected_bus(shipped, "riven")  # a veto holder: her objections are blocks
     proposal = Proposal(
         action="k8s.node.cordon", target=Target(kind="node", name="worker-1"), params={},
         policy="no-such-policy", policy_digest="d", step=0, destructive=False,

@@ -43,7 +43,7 @@ from bus.protocol import ASSESS_BURST, ASSESS_IN_FLIGHT, ASSESS_RATE, _Allowance
 from bus.quorum import Ballot, Rule, tally
 from lab.fleet import AgentProcess, prepare_config, start_agent, stop_agents, wait_until
 from lab.natsserver import NatsServer
-from runtime.agent.coordinating import FreezeState
+from runtime.agent.link import FreezeState
 from runtime.agent.loop import Agent
 from runtime.agent.wiring import build
 from runtime.config.credentials import SEED_FILE, write_seed
@@ -159,7 +159,7 @@ async def test_a_stolen_proposer_key_cannot_loosen_the_quorum_rule(
 
     async def publish_once() -> None:
         nonlocal published
-        if not published and all(a.coordinator and a.coordinator.refusal() is None
+        if not published and all(a.execution.refusal() is None
                                  for a in agents.values()):
             published = True
             envelope = seal("proposal", sender="otto", host="evil", body=proposal,
@@ -275,8 +275,8 @@ async def test_a_freeze_survives_junk_and_a_replayed_old_thaw_across_a_restart(
         tmp_path: Path, nats_server: NatsServer) -> None:
     config, _ = await _frozen_then_spoiled(tmp_path, nats_server.url)
     agents = _agents(config, tmp_path, ("riven",))
-    riven = agents["riven"].coordinator
-    assert riven is not None
+    assert agents["riven"].link is not None
+    riven = agents["riven"].link.view
     await _run(agents, lambda: riven.listening_since is not None and riven.frozen is not None)
     assert riven.frozen is not None
     assert riven.frozen.reason == "change window"
@@ -292,8 +292,8 @@ async def test_a_freeze_by_an_operator_since_rotated_still_holds(
     # The operator's key is rotated in fleet.yaml: the old freeze no longer verifies.
     config = _config(tmp_path, nats_server.url, write_seed(tmp_path / "new", OPERATOR))
     agents = _agents(config, tmp_path, ("vera",))
-    vera = agents["vera"].coordinator
-    assert vera is not None
+    assert agents["vera"].link is not None
+    vera = agents["vera"].link.view
     await _run(agents, lambda: vera.frozen is not None)
     assert vera.frozen is not None
     assert "unverifiable freeze (wrong-key): disk replacement" in vera.frozen.reason
@@ -333,8 +333,8 @@ async def _refusal_of_otto(tmp_path: Path, url: str) -> str:
     """Why Otto refuses destructive work once it has checked the bus resources."""
     config = _config(tmp_path, url, write_seed(tmp_path / "op", OPERATOR))
     agents = _agents(config, tmp_path, ("otto",))
-    otto = agents["otto"].coordinator
-    assert otto is not None
+    assert agents["otto"].link is not None
+    otto = agents["otto"].link.view
     refusals: list[str] = []
 
     def refused() -> bool:  # read while it runs: once stopped, the bus is "down"
@@ -430,11 +430,11 @@ async def test_naive_timestamps_and_malformed_leases_stop_no_tick(
     kv = await conn.js.key_value(LEASES_BUCKET)
     await kv.put("node.worker-1", b'{"repair": 1, "executor": "x"}')
     data = _signed("heartbeat", "alexa", alexa, heartbeat.model_dump(mode="json"), at=naive)
-    otto = agents["otto"].coordinator
+    otto = agents["otto"].link
     assert otto is not None
     try:
         def after_some_ticks() -> bool:
-            if otto.connected:
+            if otto.view.connected:
                 asyncio.ensure_future(conn.nc.publish(subjects.heartbeat("alexa"), data))  # noqa: RUF006
             return all(a.ticks >= 6 for a in agents.values())
 
@@ -562,8 +562,9 @@ async def test_budgets_count_only_decisions_signed_by_the_verified_proposer(
         tmp_path: Path) -> None:
     config = _config(tmp_path, "nats://127.0.0.1:1", write_seed(tmp_path / "op", OPERATOR))
     vera = build(config, "vera", state_dir=tmp_path / "state", environ={}, host="vera")
-    coordinator = vera.coordinator
-    assert coordinator is not None
+    link = vera.link
+    assert link is not None
+    approvals = link.view.approvals
     policy = config.policies["apiserver-unreachable"].value
     repair = ids.new_id()
     proposal = Proposal(
@@ -573,19 +574,19 @@ async def test_budgets_count_only_decisions_signed_by_the_verified_proposer(
         quorum=QuorumRule(approvals=3, veto=("riven",), deadline=datetime.now(UTC)))
     proposed = seal("proposal", sender="otto", host="h", body=proposal,
                     signer=Signer(_seed(config, "otto")), repair=repair)
-    coordinator._note_proposal(proposed, proposal)  # what the protocol does once verified
+    approvals.proposed(proposed, proposal)  # what the protocol does once verified
     approved = Decision(outcome="approved", reason="3/3")
 
     async def decided(by: str) -> None:
         envelope = seal("decision", sender=by, host="h", body=approved,
                         signer=Signer(_seed(config, by)), repair=repair)
-        await coordinator._on_decided(SimpleNamespace(  # type: ignore[arg-type]
+        await link._on_decided(SimpleNamespace(  # type: ignore[arg-type]
             subject=subjects.decided(repair), data=envelope.to_bytes()))
 
     await decided("lior")  # a decision by someone who did not propose it
-    assert coordinator._approved_last_hour(policy.name, datetime.now(UTC)) == 0
+    assert approvals.last_hour(policy.name, datetime.now(UTC)) == 0
     await decided("otto")
-    assert coordinator._approved_last_hour(policy.name, datetime.now(UTC)) == 1
+    assert approvals.last_hour(policy.name, datetime.now(UTC)) == 1
 
 
 async def test_an_agent_process_flooded_by_a_proposer_key_votes_a_bounded_number(

@@ -12,20 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bus.connection import Connection
-from bus.journal import Journal
-from bus.keys import Signer, generate_user_seed
 from bus.messages import Proposal, QuorumRule, Target
-from runtime.agent.coordinating import Coordinator
 from runtime.agent.observing import Observing
 from runtime.config.loading import config_paths, load
 from runtime.core.detecting import APISERVER
-from runtime.core.engine import PolicyEngine
 from runtime.core.ports import Domain, Observed
 from runtime.core.targets import action_target, finding_behind
 from runtime.model.catalog import CATALOG, Action, Params, UnitParams
 from runtime.model.snapshot import NodeObs, SourceStatus
-from tests.builders import HOST, deployment, node, policy
+from tests.builders import HOST, deployment, node, policy, unconnected_bus
 from tests.conftest import REPO
 
 WORKER = Target(kind="node", name="worker-1")
@@ -155,17 +150,11 @@ class _Nodes:
 
 
 async def test_a_voter_confirms_a_reboot_of_the_node_it_sees_not_ready(tmp_path: Path) -> None:
-    """The voter's own path (``Coordinator._observe_myself``) on ``host.worker-2``: it
+    """The voter's own path (``Voter._judge`` → ``core.vote.confirm``) on ``host.worker-2``: it
     approves naming worker-2, and rejects a reboot of a host whose node it sees Ready."""
     config = load(config_paths(REPO))
-    persona = config.persona("alexa")
-    voter = Coordinator(persona=persona, config=config, signer=Signer(generate_user_seed()),
-                        host="cp-1", connection=Connection(["nats://127.0.0.1:1"], name="t",
-                                                           seed=None),
-                        engine=PolicyEngine(config.policies_of(persona)),
-                        journal=Journal(tmp_path / "journal.jsonl"))
-    voter.observing = Observing([_Nodes(node("worker-1"), node("worker-2", "Unknown"))],
-                                timeout=1, host="cp-1")
+    _, voter = unconnected_bus(config, "alexa", observing=Observing(
+        [_Nodes(node("worker-1"), node("worker-2", "Unknown"))], timeout=1, host="cp-1"))
     reboot = policy("node-reboot", {"kind": "node-condition", "condition": "Ready",
                                     "status": ["False", "Unknown"], "for": "0s"},
                     [{"action": "host.node.reboot"}])
@@ -177,7 +166,7 @@ async def test_a_voter_confirms_a_reboot_of_the_node_it_sees_not_ready(tmp_path:
                         summary="s")
 
     now = datetime.now(UTC)
-    verdict, reason, _ = await voter._observe_myself(reboot, proposal("worker-2"), now)
-    assert (verdict, "worker-2" in reason) == ("approve", True), reason
-    verdict, reason, _ = await voter._observe_myself(reboot, proposal("worker-1"), now)
-    assert verdict == "reject", reason
+    cast = await voter._confirm(reboot, proposal("worker-2"), now)
+    assert (cast.verdict, "worker-2" in cast.reason) == ("approve", True), cast.reason
+    cast = await voter._confirm(reboot, proposal("worker-1"), now)
+    assert cast.verdict == "reject", cast.reason

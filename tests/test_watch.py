@@ -18,7 +18,7 @@ from bus.keys import Signer, generate_user_seed
 from bus.messages import BODIES, Heartbeat, Vote
 from lab import tools
 from lab.natsserver import NatsServer, free_ports
-from runtime.agent.coordinating import Roster
+from runtime.agent.link import Roster
 from runtime.ops.common import load_config_dir
 from runtime.ops.watch import FORGET_AFTER, View, describe, json_line
 from tests.conftest import REPO

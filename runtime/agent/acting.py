@@ -2,7 +2,7 @@
 
 The agent only ever reaches an actuator through ``Actuators.lookup`` after the intent
 was authorized. The Kubernetes actuators live in ``runtime.kube.acting``, the host
-ones (systemd) in ``runtime.host.acting``, the bus's in ``runtime.agent.coordinating``;
+ones (systemd) in ``runtime.host.acting``, the bus's in ``runtime.agent.link``;
 here are the dry-run stand-in and ``run_actuator`` (``bus.escalate`` is
 ``runtime.agent.escalate``). An action without
 an actuator on this host is refused, saying so, rather than reported as done.

@@ -20,19 +20,16 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from bus.ids import new_id
-from runtime.agent.acting import DryRunOnly, run_actuator
-from runtime.agent.coordinating import Coordinator
 from runtime.agent.deliberating import Deliberator
+from runtime.agent.execution import Carried, Execution
+from runtime.agent.link import BusLink
 from runtime.agent.metrics import Metrics
 from runtime.agent.observing import Observing
-from runtime.core.authorizing import authorize
 from runtime.core.engine import (
     BreakerReset,
     BreakerTripped,
@@ -46,7 +43,7 @@ from runtime.core.engine import (
     RepairVerified,
     StepFailed,
 )
-from runtime.core.ports import Actuators, NoActuatorError, Wall, utc_now
+from runtime.core.ports import Wall, utc_now
 from runtime.host.notify import Notifier
 from runtime.model.formats import Persona
 
@@ -153,20 +150,19 @@ class Agent:
     """One persona's tick loop and watchdog, with every collaborator injected."""
 
     def __init__(self, persona: Persona, *, engine: PolicyEngine, observing: Observing,
-                 actuators: Actuators, notifier: Notifier, timing: Timing,
+                 execution: Execution, notifier: Notifier, timing: Timing, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  wall: Wall = utc_now,
-                 coordinator: Coordinator | None = None,
-                 deliberator: Deliberator | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 link: BusLink | None = None,
+                 deliberator: Deliberator | None = None) -> None:
         self.persona = persona
-        self.metrics = metrics or Metrics.of(persona)
-        self.coordinator = coordinator
+        self.metrics = metrics
+        self.link = link
         self.deliberator = deliberator
         self.engine = engine
         self.observing = observing
-        self.actuators = actuators
+        self.execution = execution
         self.notifier = notifier
         self.timing = timing
         self._clock, self._sleep, self._wall = clock, sleep, wall
@@ -188,15 +184,16 @@ class Agent:
         roots: dict[str, Coroutine[Any, Any, None]] = {"tick-loop": self._tick_loop()}
         if self.timing.watchdog is not None:
             roots["watchdog"] = self._watchdog(self.timing.watchdog)
-        if self.coordinator is not None:
-            roots["bus"] = self.coordinator.run()
+        if self.link is not None:
+            roots["bus"] = self.link.run()
         try:
             return await supervise(roots, stop, grace=self.timing.grace)
         finally:
             if self.deliberator is not None:
                 self.deliberator.close()
-            if self.coordinator is not None:
-                await self.coordinator.close()
+            await self.execution.close()
+            if self.link is not None:
+                await self.link.close()
 
     async def run_once(self) -> int:
         """One tick, for operators and tests: 0 if it completed, 1 if it raised."""
@@ -261,9 +258,8 @@ class Agent:
             log.error("tick", **fields, exc_info=error)
         status = self._status_line(report, engine_status, error)
         self.notifier.status(status)
-        if self.coordinator is not None:
-            self.coordinator.ticks, self.coordinator.status_text = self.ticks, status
-            self.coordinator.kubernetes = report.k8s
+        if self.link is not None:
+            self.link.report(ticks=self.ticks, status=status, kubernetes=report.k8s)
 
     async def _tick(self, report: TickReport) -> None:
         snapshot = await self.observing.snapshot(self._wall())
@@ -280,8 +276,9 @@ class Agent:
         evaluation = self.engine.evaluate(snapshot)
         for event in evaluation.events:
             _log_event(event)
-        if self.coordinator is not None:
-            await self.coordinator.on_events(evaluation.events)
+        if self.link is not None:
+            await self.link.publish_findings(evaluation.events)
+        await self.execution.on_events(evaluation.events)
         report.findings_open = len(evaluation.findings)
         report.intents = len(evaluation.intents)
         report.holds = len(evaluation.holds)
@@ -300,67 +297,20 @@ class Agent:
             await self._carry_out(intent, report)
 
     async def _carry_out(self, intent: Intent, report: TickReport) -> None:
-        context = {"intent": intent.id, "action": intent.action.name,
-                   "target": intent.target.key, "destructive": intent.destructive}
-        bus_refusal = (self.coordinator.refusal() if self.coordinator is not None
-                       else "bus down (no bus identity to sign with)")
-        verdict = authorize(self.persona, intent, quorum_refusal=bus_refusal)
-        if "execute" not in self.persona.spec.duties:
-            # A voter runs the policies to know what executors will propose and to judge
-            # it; carrying out the remedies is not its duty, so this is no refusal worth
-            # a warning (or a count) every time the engine offers the step again.
-            self.engine.refused(intent.id, self._wall(), verdict.reason)
+        carried: Carried = await self.execution.carry_out(intent)
+        if carried == "left":
             report.holds += 1
-            log.debug("intent left to the executors", **context)
-            return
-        reason: str | None = None
-        if not verdict.allowed:
-            reason = verdict.reason
-        else:
-            try:
-                actuator = self.actuators.lookup(intent.action.name)
-            except NoActuatorError as exc:
-                if intent.dry_run:
-                    # A dry run is everything but the actuator call, so it can go through
-                    # the whole quorum even where this host could not carry it out.
-                    actuator = DryRunOnly()
-                else:
-                    reason = str(exc)
-        if reason is not None:
-            # Waiting for the bus is transient: ask again next tick, not a minute later,
-            # so a repair goes ahead as soon as the bus is back.
-            waiting = verdict.needs_quorum and bus_refusal is not None
-            self.engine.refused(intent.id, self._wall(), reason, retry_after=(
-                timedelta(seconds=self.timing.tick) if waiting else None))
+        elif carried == "refused":
             report.refused += 1
-            (log.info if waiting else log.warning)("intent refused", **context, reason=reason)
-            return
-        if verdict.needs_quorum:
-            assert self.coordinator is not None  # bus_refusal was None
-            report.started += 1
-            log.info("proposing", **context, dry_run=intent.dry_run)
-            self.coordinator.launch(intent, actuator)
-            return
-        self.engine.started(intent.id, self._wall())
-        report.started += 1
-        log.info("action started", **context, dry_run=intent.dry_run)
-        if self.coordinator is not None:
-            outcome = await self.coordinator.act_alone(intent, actuator)
         else:
-            # No bus: the repair id exists only in this agent's log.
-            outcome = await run_actuator(actuator, intent, new_id())
-        self.engine.finished(intent.id, self._wall(), ok=outcome.ok, detail=outcome.detail)
-        self.metrics.execution(intent.action.name, ok=outcome.ok)
-        if not outcome.ok:
-            report.failed += 1
-        (log.info if outcome.ok else log.warning)(
-            "action finished", **context, ok=outcome.ok, detail=outcome.detail)
+            report.started += 1
+            report.failed += carried == "failed"
 
     def _status_line(self, report: TickReport, status: EngineStatus,
                      error: Exception | None) -> str:
         head = (f"tick {report.tick}" if error is None
                 else f"tick {report.tick} failed ({type(error).__name__})")
-        bus = self.coordinator.describe() if self.coordinator is not None else "bus: disabled"
+        bus = self.link.view.describe() if self.link is not None else "bus: disabled"
         parts = [f"{head}: {_plural(status.open_findings, 'finding')} open",
                  f"{status.in_flight} in flight", bus, f"k8s: {report.k8s}"]
         if self.deliberator is not None:

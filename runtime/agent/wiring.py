@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 
 import structlog
@@ -21,13 +22,15 @@ from bus import subjects
 from bus.connection import Connection
 from bus.journal import Journal
 from runtime import __version__
-from runtime.agent.coordinating import Coordinator, LeaseReleaser
 from runtime.agent.deliberating import Deliberator, thinker_for
 from runtime.agent.escalate import Escalate
+from runtime.agent.execution import Execution
+from runtime.agent.link import BusLink, BusView, LeaseReleaser, bus_observers, jetstream_settings
 from runtime.agent.loop import Agent, Timing
 from runtime.agent.metrics import Metrics
 from runtime.agent.metrics import start as start_metrics
 from runtime.agent.observing import Observing
+from runtime.agent.voting import Voter
 from runtime.config.credentials import (
     KUBECONFIG_FILE,
     CredentialError,
@@ -69,22 +72,24 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
     clients = [kubernetes] if kubernetes is not None else []
     observers = host_observers(policies, config.fleet, state_dir, clients=clients)
     observers += clients
-    coordinator = None
+    signer = None
     try:
         signer = load_signer(persona, config.fleet, environ)
     except CredentialError as exc:
         # Keep observing and repairing what needs no quorum: losing the identity
         # must not blind the agent, only take its vote and its destructive power.
         log.error("bus disabled: no identity to sign with", error=str(exc))
-    else:
-        urls = bus_urls(config, environ)
-        coordinator = Coordinator(
-            persona=persona, config=config, signer=signer, host=host,
-            connection=Connection(urls, name=f"zeta-agent@{persona.name}", seed=signer.seed,
-                                  inbox_prefix=subjects.inbox(persona.name)),
-            engine=engine, journal=Journal(state_dir / "journal.jsonl"), metrics=metrics,
-            wall=wall)
-        observers += coordinator.observers()
+    # In dependency order: what the bus link will learn (the view) first, so the bus
+    # observers, the voter and the execution can read it; then the link, which hands
+    # proposals to the voter; then the execution, which asks through the link.
+    view = None
+    if signer is not None:
+        view = BusView(
+            Connection(bus_urls(config, environ), name=f"zeta-agent@{persona.name}",
+                       seed=signer.seed, inbox_prefix=subjects.inbox(persona.name)),
+            persona=persona.name, personas=config.personas,
+            lease_ttl=jetstream_settings(config).lease_ttl, wall=wall)
+        observers += bus_observers(view)
     observing = Observing(observers, timeout=timing.observe_timeout, host=host)
     # Host actuators only under systemd: see runtime.host.acting.
     available: dict[str, Actuator] = {"bus.escalate": Escalate(),
@@ -94,27 +99,36 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
             available.update(kubernetes_actuators(ClientApi.from_kubeconfig(kubeconfig), persona))
         except KubeconfigError as exc:
             log.error("Kubernetes actuators disabled", error=str(exc))
-    if coordinator is not None:
-        coordinator.observing = observing
-        available["bus.lease.release"] = LeaseReleaser(coordinator)
+    if view is not None:
+        available["bus.lease.release"] = LeaseReleaser(view)
     registry = Actuators({**available, **(actuators or {})})
-    deliberator = None
-    if (thinker := thinker_for(config, persona_name, environ, metrics=metrics)) is not None:
-        deliberator = Deliberator(thinker, engine, wall=wall)
-        if coordinator is not None:
-            coordinator.argue = thinker.argue
+    thinker = thinker_for(config, persona_name, environ, metrics=metrics)
+    deliberator = Deliberator(thinker, engine, wall=wall) if thinker is not None else None
+    link = None
+    if signer is not None and view is not None:
+        voter = None
+        if "vote" in persona.spec.duties:
+            voter = Voter(persona, config=config, engine=engine, observing=observing,
+                          view=view, metrics=metrics, wall=wall,
+                          argue=thinker.argue if thinker is not None else None)
+        link = BusLink(view, persona=persona, config=config, signer=signer, host=host,
+                       engine=engine, journal=Journal(state_dir / "journal.jsonl"),
+                       metrics=metrics, assess=voter.assess if voter is not None else None)
+    execution = Execution(persona, engine=engine, actuators=registry,
+                          observing=observing, link=link, metrics=metrics, wall=wall,
+                          tick=timedelta(seconds=timing.tick))
     log.info("starting", version=__version__, policies=list(persona.spec.policies),
              tick_s=timing.tick, state_dir=str(state_dir), watchdog_s=timing.watchdog,
              notify_socket=notifier.address,
-             bus=list(bus_urls(config, environ)) if coordinator else "disabled",
+             bus=list(bus_urls(config, environ)) if link else "disabled",
              observers=[o.name for o in observing.observers],
              not_observed=list(observing.unobserved),
              kubernetes=kubernetes.url if kubernetes is not None else
              f"not observed: no usable kubeconfig at {kubeconfig}",
              actuators=sorted(registry.names) or "none: every intent that would act is refused")
-    return Agent(persona, engine=engine, observing=observing, actuators=registry,
-                 notifier=notifier, timing=timing, coordinator=coordinator,
-                 deliberator=deliberator, metrics=metrics, wall=wall)
+    return Agent(persona, engine=engine, observing=observing, execution=execution,
+                 notifier=notifier, timing=timing, link=link, deliberator=deliberator,
+                 metrics=metrics, wall=wall)
 
 
 def serve(config: ConfigSet, persona_name: str, *, state_dir: Path, once: bool = False,

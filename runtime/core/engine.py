@@ -373,6 +373,11 @@ class PolicyEngine:
         # evaluate returns them.
         self._pending: list[Event] = []
 
+    def policy(self, name: str) -> RepairPolicy | None:
+        """The policy of that name this engine runs, or None."""
+        state = self._states.get(name)
+        return state.policy if state is not None else None
+
     # ------------------------------------------------------------ evaluate
 
     def evaluate(self, snapshot: Snapshot) -> Evaluation:

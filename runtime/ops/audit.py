@@ -49,7 +49,7 @@ from bus.natstypes import JetStreamContext, NotFoundError
 from bus.quorum import Ballot, Rule, counted_ballots, looser, strictest, tally
 from bus.reading import Stored, read_stream
 from runtime.agent import logs
-from runtime.agent.coordinating import Roster
+from runtime.agent.link import Roster
 from runtime.core.engine import required_at
 from runtime.model.catalog import UnknownActionError, lookup
 from runtime.model.formats import (

@@ -37,7 +37,7 @@ from bus.messages import Control
 from bus.natstypes import NatsError
 from bus.subjects import PERSONA_NAME
 from runtime.agent import logs
-from runtime.agent.coordinating import jetstream_settings
+from runtime.agent.link import jetstream_settings
 from runtime.config.credentials import CredentialError, seed_file, write_seed
 from runtime.model.formats import Fleet
 from runtime.ops.common import (

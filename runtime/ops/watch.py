@@ -31,7 +31,7 @@ from bus.messages import Control, Decision, Finding, Heartbeat, Proposal, Result
 from bus.natstypes import Msg
 from bus.quorum import Ballot, Rule, tally
 from runtime.agent import logs
-from runtime.agent.coordinating import Roster
+from runtime.agent.link import Roster
 from runtime.ops.common import bus_urls_of, config_dir, load_config_dir, read_seed
 
 SUBJECT = "zeta.>"
