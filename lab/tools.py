@@ -52,6 +52,10 @@ from bus.messages import (
     Vote,
 )
 from bus.quorum import Ballot, Rule, tally
+from runtime.core import review
+from runtime.core.detecting import JSON
+from runtime.model.formats import Safety
+from runtime.model.snapshot import NodeCondition, NodeObs
 
 CACHE_ENV = "ZETA_CACHE_DIR"
 BUILD_TIMEOUT = 15 * 60.0
@@ -204,6 +208,22 @@ def _digest(label: str) -> str:
     return hashlib.sha256(label.encode()).hexdigest()
 
 
+def _example_review(target: Target, at: datetime) -> list[JSON]:
+    """Riven's review checks of the example cordon, run by ``runtime.core.review`` on a
+    small cluster (three control-plane nodes, worker-1 NotReady, worker-2 Ready), so the
+    documented evidence is the real shape."""
+    ready = (NodeCondition(type="Ready", status="True"),)
+    nodes = (*(NodeObs(name=f"cp-{i}", labels={review.CONTROL_PLANE_LABELS[0]: ""},
+                       conditions=ready) for i in (1, 2, 3)),
+             NodeObs(name="worker-1", conditions=(NodeCondition(type="Ready", status="Unknown"),)),
+             NodeObs(name="worker-2", conditions=ready))
+    disruption = review.disruption("k8s.node.cordon", target)
+    assert disruption is not None
+    checks = review.review(review.Facts(disruption=disruption, nodes=nodes, pods=(), leases=(),
+                                        safety=Safety(), outage=None, now=at))
+    return [c.evidence() for c in checks]
+
+
 def story(signers: Mapping[str, Signer], *, start: datetime, host: str = "cp-1",
           voters: frozenset[str] = EXAMPLE_VOTERS,
           new_id: Callable[[datetime], str] | None = None) -> list[tuple[str, Envelope]]:
@@ -254,9 +274,9 @@ def story(signers: Mapping[str, Signer], *, start: datetime, host: str = "cp-1",
             observed_at=start + timedelta(seconds=1.3), policy_digest=policy_digest,
             required=required)),
         say("vote", "riven", 1.6, Vote(
-            verdict="approve", reason="pass: 1/4 nodes unhealthy, not a control-plane node, "
-                                      "no PodDisruptionBudget at risk",
-            evidence={"unhealthy": 1, "nodes": 4}, observed_at=start + timedelta(seconds=1.5),
+            verdict="approve", reason="confirmed from cp-3: node worker-1 Ready=Unknown for 3m",
+            evidence={"host": "cp-3", "checks": _example_review(target, start)},
+            observed_at=start + timedelta(seconds=1.5),
             policy_digest=policy_digest, required=required)),
     ]
     rule = Rule("otto", 3, frozenset({"riven"}), deadline)

@@ -15,7 +15,8 @@ import pytest
 from bus.messages import Proposal, QuorumRule, Target
 from runtime.core.detecting import Detection, Match
 from runtime.core.engine import policy_digest
-from runtime.core.vote import Holder, Vote, confirm, final, screen
+from runtime.core.review import Check
+from runtime.core.vote import Holder, Vote, confirm, final, reviewed, screen
 from runtime.model.formats import Persona, Quorum, RepairPolicy
 from tests.builders import T0, at, persona, policy
 
@@ -182,3 +183,23 @@ def test_final_claims_no_terms_for_a_policy_it_does_not_hold_at_that_digest() ->
                  default=DEFAULT).required is None
     assert final(Vote("reject", "none"), proposal(rule), policy=None, veto=False,
                  default=DEFAULT).required is None
+
+
+def test_a_failing_review_check_turns_an_approval_into_an_objection_naming_it() -> None:
+    ok = Check("capacity", True, "fits", {"pods": 2})
+    bad = Check("last-control-plane", False, "no Ready control-plane node left", {})
+    approval = Vote("approve", "confirmed from cp-2: NotReady", {"node": "worker-1"})
+    vote = reviewed(approval, (ok, bad))
+    assert (vote.verdict, vote.reason) == (
+        "reject", "review: last-control-plane: no Ready control-plane node left")
+    assert vote.evidence["node"] == "worker-1"
+    assert vote.evidence["checks"] == [
+        {"check": "capacity", "result": "pass", "reason": "fits", "pods": 2},
+        {"check": "last-control-plane", "result": "block",
+         "reason": "no Ready control-plane node left"}]
+    passed = reviewed(approval, (ok,))
+    assert passed.verdict == "approve"
+    assert passed.evidence["checks"] == [ok.evidence()]
+    # An objection stays the objection it was, with the checks recorded beside it.
+    objection = reviewed(Vote("reject", "blast radius"), (bad,))
+    assert (objection.verdict, objection.reason) == ("reject", "blast radius")

@@ -55,9 +55,8 @@ def test_every_message_gets_one_line_saying_what_it_says() -> None:
         "Ready=Unknown for 3m",
         f"06:00:01 {REPAIR} alexa votes approve: confirmed from cp-2: kubelet on worker-1 "
         "not answering  [pending: 2/3 approvals so far]",
-        f"06:00:01 {REPAIR} riven votes approve: pass: 1/4 nodes unhealthy, not a "
-        "control-plane node, no PodDisruptionBudget at risk  [approved: 3/3 approvals, "
-        "no veto]",
+        f"06:00:01 {REPAIR} riven votes approve: confirmed from cp-3: node worker-1 "
+        "Ready=Unknown for 3m (8/8 review checks pass)  [approved: 3/3 approvals, no veto]",
         f"06:00:01 {REPAIR} otto decided APPROVED: 3/3 approvals, no veto "
         "(approvals: otto, alexa, riven)",
         f"06:00:01 {REPAIR} otto started: lease node.worker-1, fencing token 7",

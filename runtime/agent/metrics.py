@@ -38,6 +38,7 @@ from bus.envelope import DropReason
 from bus.messages import Decision, Verdict
 from bus.quorum import Outcome as TallyOutcome
 from runtime.core.engine import Finding
+from runtime.core.review import CheckName
 from runtime.model.formats import Persona, TcpListen, UnixListen, parse_listen
 
 log = structlog.get_logger("metrics")
@@ -53,6 +54,7 @@ DECISION_OUTCOMES: tuple[str, ...] = get_args(Decision.model_fields["outcome"].a
 MODEL_OUTCOMES = ("ok", "unusable", "failed", "refused")
 TOKEN_KINDS = ("input", "output")
 EXECUTION_RESULTS = ("succeeded", "failed")
+CHECK_RESULTS = ("pass", "block")
 
 
 class _Dropped(Collector):
@@ -106,6 +108,9 @@ class Metrics:
         self._executions = Counter("zeta_agent_executions_total",
                                    "Actions this agent ran, by action and result.",
                                    (*p, "action", "result"), registry=r)
+        self._checks = Counter("zeta_agent_review_checks_total",
+                               "Review checks this agent ran as a veto holder, by check and "
+                               "result (pass, block).", (*p, "check", "result"), registry=r)
         self._bus = Gauge("zeta_agent_bus_connected", "1 while connected to the bus, else 0.",
                           p, registry=r).labels(persona)
         self._model_calls = Counter("zeta_agent_model_calls_total",
@@ -122,6 +127,9 @@ class Metrics:
                                (self._model_calls, MODEL_OUTCOMES), (self._tokens, TOKEN_KINDS)):
             for value in values:
                 family.labels(persona, value)
+        for check in get_args(CheckName):
+            for result in CHECK_RESULTS:
+                self._checks.labels(persona, check, result)
         self._policies: set[str] = set()
         self.engine_state((), (), policies=policies)
 
@@ -161,6 +169,9 @@ class Metrics:
 
     def vote(self, verdict: str) -> None:
         self._votes.labels(self.persona, verdict).inc()
+
+    def review(self, check: CheckName, *, passed: bool) -> None:
+        self._checks.labels(self.persona, check, CHECK_RESULTS[not passed]).inc()
 
     def decision(self, outcome: str) -> None:
         self._decisions.labels(self.persona, outcome).inc()

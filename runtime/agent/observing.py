@@ -15,6 +15,7 @@ from datetime import datetime
 
 import structlog
 
+from runtime.core import review
 from runtime.core.ports import DOMAINS, Contribution, Domain, Observed, Observer
 from runtime.model.snapshot import Snapshot, SourceStatus
 
@@ -38,6 +39,9 @@ class Observing:
         self.observers = tuple(observers)
         self.timeout = timeout
         self.host = socket.gethostname() if host is None else host
+        # The last API server outage any snapshot saw: a veto holder's review reads it
+        # to tell nodes gone NotReady from an observer that could not see them.
+        self.outage: review.Outage | None = None
 
     @property
     def unobserved(self) -> tuple[Domain, ...]:
@@ -58,7 +62,9 @@ class Observing:
                                      f"{sorted(result.data.keys() - observer.provides)}")
                 continue
             merged.update(result.data)
-        return Snapshot(at=now, host=self.host, sources=sources, **merged)
+        snapshot = Snapshot(at=now, host=self.host, sources=sources, **merged)
+        self.outage = review.remember(self.outage, now, review.reachable(snapshot.apiserver))
+        return snapshot
 
     async def _one(self, observer: Observer, now: datetime) -> Observed:
         try:

@@ -19,11 +19,12 @@ from runtime.agent.link import BusView
 from runtime.agent.metrics import Metrics
 from runtime.agent.observing import Observing
 from runtime.config.loading import ConfigSet
-from runtime.core import vote
+from runtime.core import review, vote
 from runtime.core.detecting import detect
 from runtime.core.engine import PolicyEngine
 from runtime.core.ports import Wall
 from runtime.model.formats import Persona, RepairPolicy
+from runtime.model.snapshot import Snapshot
 
 
 class Argue(typing.Protocol):
@@ -96,6 +97,26 @@ class Voter:
         snapshot = await self.observing.snapshot(now)
         sources = {name: s.detail or ("ok" if s.ok else "failed")
                    for name, s in snapshot.sources.items()}
-        return vote.confirm(proposal, policy=policy, holder=holder,
-                            detection=detect(policy.spec.detect, snapshot), host=snapshot.host,
-                            sources=sources, now=now)
+        confirmed = vote.confirm(proposal, policy=policy, holder=holder,
+                                 detection=detect(policy.spec.detect, snapshot),
+                                 host=snapshot.host, sources=sources, now=now)
+        if "veto" not in self.persona.spec.duties:
+            return confirmed
+        return self._review(confirmed, proposal, snapshot)
+
+    def _review(self, confirmed: vote.Vote, proposal: Proposal, snapshot: Snapshot) -> vote.Vote:
+        """The veto holder's review of a node-level disruption, on the same snapshot its
+        confirmation read; other actions are not node-level and pass unreviewed."""
+        unit = proposal.params.get("unit")
+        disruption = review.disruption(proposal.action, proposal.target,
+                                       unit if isinstance(unit, str) else None)
+        if disruption is None:
+            return confirmed
+        checks = review.review(review.Facts(
+            disruption=disruption, nodes=snapshot.nodes, pods=snapshot.pods,
+            leases=snapshot.leases, safety=self.config.fleet.spec.safety,
+            outage=self.observing.outage, now=snapshot.at,
+            apiserver_down=review.reachable(snapshot.apiserver) is False))
+        for check in checks:
+            self.metrics.review(check.name, passed=check.passed)
+        return vote.reviewed(confirmed, checks)

@@ -5,8 +5,9 @@ the proposer's persona, the freeze, the breaker, the approvals it counted from v
 decisions, the lease on the target, its own fresh detection) and these functions decide.
 They run in two stages so that a proposal refused on its face costs the voter no
 observation: ``screen`` judges the proposal against configuration and fleet state,
-``confirm`` against what the voter saw itself. ``final`` turns an objection of a
-persona with the ``veto`` duty into a block.
+``confirm`` against what the voter saw itself. A persona with the ``veto`` duty then
+runs the review checks (``runtime.core.review``) and ``reviewed`` attaches them;
+``final`` turns its objection into a block.
 
 Nothing here reads a clock, the bus or the cluster: every input is an argument, so
 each rule is tested on values and re-run offline.
@@ -14,7 +15,7 @@ each rule is tested on values and re-run offline.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -22,6 +23,7 @@ from bus.messages import Proposal, Required, Verdict
 from bus.quorum import looser
 from runtime.core.detecting import Detection
 from runtime.core.engine import policy_digest, required, required_at
+from runtime.core.review import Check, blocking
 from runtime.core.targets import finding_behind
 from runtime.model import scopes
 from runtime.model.catalog import lookup
@@ -109,6 +111,17 @@ def confirm(proposal: Proposal, *, policy: RepairPolicy, holder: Holder | None,
     match = detection.matches[finding.key]
     return Vote("approve", f"confirmed from {host}: {match.summary}",
                 {"observed_at": now.isoformat(), "host": host, **match.evidence})
+
+
+def reviewed(vote: Vote, checks: Sequence[Check]) -> Vote:
+    """``vote`` with the review checks' results in its evidence; an approval becomes a
+    reject (a block, for the veto holder) naming every check that blocks."""
+    evidence = {**vote.evidence, "checks": [c.evidence() for c in checks]}
+    failed = blocking(checks)
+    if vote.verdict != "approve" or not failed:
+        return replace(vote, evidence=evidence)
+    return Vote("reject", "review: " + "; ".join(f"{c.name}: {c.reason}" for c in failed),
+                evidence)
 
 
 def final(vote: Vote, proposal: Proposal, *, policy: RepairPolicy | None, veto: bool,

@@ -35,6 +35,7 @@ import structlog
 import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
+from kubernetes.utils import parse_quantity
 from pydantic import BaseModel
 
 from bus.messages import Target, TargetKind
@@ -47,6 +48,7 @@ from runtime.model.snapshot import (
     NodeCondition,
     NodeObs,
     PodObs,
+    Resources,
     SourceStatus,
 )
 
@@ -142,6 +144,45 @@ def _strings(values: Any, *, skip: str = "") -> dict[str, str]:
     return {_text(k): _text(v) for k, v in (values or {}).items() if k != skip}
 
 
+@functools.lru_cache(maxsize=4096)
+def _resources(cpu_millis: int, memory_bytes: int) -> Resources:
+    """One shared record per distinct amount: most pods of a workload ask the same."""
+    return _build(Resources, cpu_millis=cpu_millis, memory_bytes=memory_bytes)
+
+
+def _amounts(values: Any) -> tuple[int, int]:
+    """CPU in millicores and memory in bytes of a ``requests`` or ``allocatable`` map;
+    an amount the API server would not have accepted counts as nothing."""
+    cpu = memory = 0
+    for name, value in (values or {}).items():
+        if name not in ("cpu", "memory"):
+            continue
+        try:
+            amount = parse_quantity(value)  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError):
+            continue
+        if name == "cpu":
+            cpu = int(amount * 1000)
+        else:
+            memory = int(amount)
+    return cpu, memory
+
+
+def _requests(spec: JSON) -> Resources:
+    """What the scheduler reserves for a pod: its containers' requests summed, or its
+    largest init container's if that is more (they run one at a time, before), plus
+    the runtime class's overhead."""
+    def requested(container: JSON) -> tuple[int, int]:
+        return _amounts((container.get("resources") or {}).get("requests"))
+
+    running = [requested(c) for c in spec.get("containers") or ()]
+    init = [requested(c) for c in spec.get("initContainers") or ()]
+    cpu = max(sum(c for c, _ in running), max((c for c, _ in init), default=0))
+    memory = max(sum(m for _, m in running), max((m for _, m in init), default=0))
+    extra_cpu, extra_memory = _amounts(spec.get("overhead"))
+    return _resources(cpu + extra_cpu, memory + extra_memory)
+
+
 def node_obs(obj: JSON, heartbeat: datetime | None = None) -> NodeObs:
     """A Node object as the detectors see it."""
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
@@ -153,7 +194,9 @@ def node_obs(obj: JSON, heartbeat: datetime | None = None) -> NodeObs:
             _build(NodeCondition, type=_text(c.get("type")), status=_text(c.get("status")),
                    reason=_text(c.get("reason")), since=_time(c.get("lastTransitionTime")))
             for c in status.get("conditions") or ()),
-        heartbeat=heartbeat)
+        heartbeat=heartbeat,
+        allocatable=_resources(*_amounts(status["allocatable"])) if status.get("allocatable")
+        else None)
 
 
 @functools.lru_cache(maxsize=16384)
@@ -186,7 +229,7 @@ def pod_obs(obj: JSON, owner: Target | None) -> PodObs:
     return _build(PodObs, namespace=_text(meta["namespace"]), name=str(meta["name"]),
                   node=_text(spec.get("nodeName")) or None,
                   phase=_text(status.get("phase")) or "Pending", owner=owner,
-                  containers=_containers(states))
+                  containers=_containers(states), requests=_requests(spec))
 
 
 EVENT_MESSAGE_LIMIT = 300

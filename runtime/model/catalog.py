@@ -122,6 +122,12 @@ CATALOG: dict[str, Action] = {
 }
 
 
+COMPENSATIONS = frozenset({"k8s.node.uncordon", "bus.lease.release"})
+"""Actions that undo what a repair left behind (a cordon, a lease). A tripped breaker,
+a frozen fleet and the budgets never hold them: a pause that kept a node cordoned or a
+target leased would turn a stop into an outage of its own."""
+
+
 class UnknownActionError(KeyError):
     pass
 

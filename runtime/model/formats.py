@@ -293,6 +293,10 @@ Expectation = Literal["finding-cleared", "node-ready", "unit-active", "pod-ready
 class Verify(Model):
     within: Duration
     expect: Expectation = "finding-cleared"
+    healthyFor: Duration = Field(  # noqa: N815
+        default=timedelta(0),
+        description="The expectation must hold on every tick for this long before the "
+                    "repair counts as done (it has `within` to start holding).")
 
 
 class Quorum(Model):
@@ -367,6 +371,12 @@ class Budget(Model):
     maxInFlight: int = Field(default=1, ge=1)  # noqa: N815
     perHour: int = Field(default=6, ge=1)  # noqa: N815
     maxUnhealthyFraction: float | None = Field(default=None, gt=0, le=1)  # noqa: N815
+    maxAttempts: int = Field(  # noqa: N815
+        default=3, ge=1, le=100,
+        description="Repair actions started on one target within `attemptsWindow`; after "
+                    "that the agents stop repairing it and escalate to people.")
+    attemptsWindow: Duration = Field(  # noqa: N815
+        default=timedelta(hours=24), description="The window `maxAttempts` counts over.")
 
 
 class PolicySpec(Model):
@@ -411,6 +421,26 @@ class BusUser(Model):
     nkey: UserKey
 
 
+class ObserverOutage(Model):
+    window: Duration = Field(
+        default=timedelta(minutes=5),
+        description="NotReady nodes that went NotReady up to this long after this agent last "
+                    "saw the API server unreachable are taken for the outage, not for the nodes.")
+    minNodes: int = Field(  # noqa: N815
+        default=2, ge=1,
+        description="That many nodes going NotReady in the window is an outage of the observer.")
+
+
+class Safety(Model):
+    """The fleet-wide limits every persona with the veto duty reviews (docs/safety.md)."""
+
+    disruptionBudget: int = Field(  # noqa: N815
+        default=1, ge=0, le=1000,
+        description="At most this many nodes disrupted by the agents at once, across all "
+                    "policies (0: no node-level destructive repair at all).")
+    observerOutage: ObserverOutage = ObserverOutage()  # noqa: N815
+
+
 class FleetSpec(Model):
     bus: BusSettings = BusSettings()
     operators: tuple[BusUser, ...] = Field(
@@ -421,6 +451,7 @@ class FleetSpec(Model):
         default="/etc/zeta/credentials",
         description="Outside systemd, secrets are read from <credentialsDir>/<persona>/.")
     quorum: Quorum = Quorum(approvals=3, veto=("riven",), deadline=timedelta(seconds=30))
+    safety: Safety = Safety()
     apiservers: tuple[str, ...] = Field(
         default=("https://127.0.0.1:6443",),
         description="Kubernetes API server URLs every agent probes, each an evidence path.")

@@ -19,6 +19,24 @@ class Obs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Resources(Obs):
+    """CPU and memory, as the scheduler counts them (requests, allocatable)."""
+
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(cpu_millis=self.cpu_millis + other.cpu_millis,
+                         memory_bytes=self.memory_bytes + other.memory_bytes)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(cpu_millis=self.cpu_millis - other.cpu_millis,
+                         memory_bytes=self.memory_bytes - other.memory_bytes)
+
+
+NO_RESOURCES = Resources()
+
+
 class NodeCondition(Obs):
     type: str
     status: str
@@ -35,6 +53,8 @@ class NodeObs(Obs):
     heartbeat: datetime | None = Field(
         default=None, description="When the kubelet last renewed the node's Lease in "
                                   "kube-node-lease: evidence of a live kubelet, or of its silence.")
+    allocatable: Resources | None = Field(
+        default=None, description="What the scheduler may place on the node (None: not reported).")
 
     def condition(self, kind: str) -> NodeCondition | None:
         return next((c for c in self.conditions if c.type == kind), None)
@@ -54,6 +74,9 @@ class PodObs(Obs):
     phase: str = "Pending"
     owner: Target | None = Field(default=None, description="The top-level workload, if any.")
     containers: tuple[ContainerObs, ...] = ()
+    requests: Resources = Field(
+        default=NO_RESOURCES, description="The sum of its containers' requests (the "
+                                          "larger of that and any init container's).")
 
 
 class ApiProbe(Obs):

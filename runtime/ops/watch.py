@@ -19,6 +19,7 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -51,6 +52,17 @@ def _names(label: str, names: tuple[str, ...]) -> str:
     return f"{label} {', '.join(names)}" if names else ""
 
 
+def _review(evidence: Mapping[str, object]) -> str:
+    """The veto holder's review checks of a vote, counted (docs/safety.md)."""
+    checks = evidence.get("checks")
+    if not isinstance(checks, list) or not checks:
+        return ""
+    blocked = [str(c.get("check")) for c in checks
+               if isinstance(c, dict) and c.get("result") == "block"]
+    passed = f"{len(checks) - len(blocked)}/{len(checks)} review checks pass"
+    return f" ({passed}; blocked by {', '.join(blocked)})" if blocked else f" ({passed})"
+
+
 def describe(envelope: Envelope, body: BaseModel) -> str:
     """One line saying what a verified message says, for people."""
     who = envelope.sender
@@ -70,7 +82,7 @@ def describe(envelope: Envelope, body: BaseModel) -> str:
                     f"{body.step}, {kind}; {body.quorum.approvals} approvals{veto} by "
                     f"{_clock(body.quorum.deadline)}): {body.summary}")
         case Vote():
-            return f"{who} votes {body.verdict}: {body.reason}"
+            return f"{who} votes {body.verdict}: {body.reason}{_review(body.evidence)}"
         case Decision():
             extra = "; ".join(filter(None, (
                 _names("approvals:", body.approvals), _names("rejections:", body.rejections),
