@@ -62,9 +62,10 @@ ESCALATE = {"action": "bus.escalate", "params": {"message": "help"}}
 def node_policy(remedies: Sequence[dict[str, Any]] = (KUBELET_START, CORDON, DRAIN), *,
                 for_: str = "2m", budget: dict[str, Any] | None = None, cooldown: str = "10m",
                 mode: str = "enforce", name: str = "node-not-ready") -> RepairPolicy:
+    # A roomy budget (attempts included): these tests are about one rule at a time.
     return policy(name, {"kind": "node-condition", "for": for_}, remedies,
-                  budget=budget or {"maxInFlight": 5, "perHour": 50}, cooldown=cooldown,
-                  mode=mode)
+                  budget=budget or {"maxInFlight": 5, "perHour": 50, "maxAttempts": 50},
+                  cooldown=cooldown, mode=mode)
 
 
 def world(t: float, *not_ready: str, ready: Sequence[str] = (), host: str = HOST,
@@ -670,7 +671,7 @@ def test_the_digest_ignores_spelling_and_follows_meaning() -> None:
     respelled = policy("node-not-ready", {"for": "120s", "kind": "node-condition"},
                        [{"params": {"unit": "kubelet.service"}, "action": "host.unit.start",
                          "verify": {"expect": "node-ready", "within": "1m"}}, CORDON, DRAIN],
-                       budget={"perHour": 50, "maxInFlight": 5})
+                       budget={"maxAttempts": 50, "perHour": 50, "maxInFlight": 5})
     assert policy_digest(respelled) == policy_digest(base)
     assert policy_digest(node_policy(for_="3m")) != policy_digest(base)
     assert policy_digest(node_policy(mode="dry-run")) != policy_digest(base)

@@ -34,6 +34,7 @@ from runtime.core.authorizing import authorize
 from runtime.core.detecting import detect
 from runtime.core.engine import Event, Intent, PolicyEngine, RepairVerified, StepFailed
 from runtime.core.ports import Actuator, Actuators, NoActuatorError, Outcome, Wall
+from runtime.model.catalog import COMPENSATIONS
 from runtime.model.formats import Persona
 
 log = structlog.get_logger("execution")
@@ -46,6 +47,10 @@ NO_BUS = "bus down (no bus identity to sign with)"
 Carried = Literal["left", "refused", "launched", "succeeded", "failed"]
 """What ``carry_out`` did: left to the executors (this persona does not execute),
 refused, handed to the quorum flow, or run at once and succeeded or failed."""
+
+
+def _compensation(intent: Intent | None) -> bool:
+    return intent is not None and intent.action.name in COMPENSATIONS
 
 
 class Execution:
@@ -65,9 +70,12 @@ class Execution:
         self._repairs: dict[str, tuple[str, leases.Lease | None]] = {}  # intent id → repair, lease
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def refusal(self) -> str | None:
-        """Why nothing needing a quorum may start now (None: it may)."""
-        return self.link.view.refusal() if self.link is not None else NO_BUS
+    def refusal(self, intent: Intent | None = None) -> str | None:
+        """Why nothing needing a quorum may start now (None: it may); for ``intent``,
+        why it may not (a compensation is not stopped by a freeze)."""
+        if self.link is None:
+            return NO_BUS
+        return self.link.view.refusal(compensation=_compensation(intent))
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -79,7 +87,7 @@ class Execution:
         """Authorize ``intent`` and act on it (or hand it to the quorum flow)."""
         context = {"intent": intent.id, "action": intent.action.name,
                    "target": intent.target.key, "destructive": intent.destructive}
-        bus_refusal = self.refusal()
+        bus_refusal = self.refusal(intent)
         verdict = authorize(self.persona, intent, quorum_refusal=bus_refusal)
         if "execute" not in self.persona.spec.duties:
             # A voter runs the policies to know what executors will propose and to judge
@@ -187,7 +195,7 @@ class Execution:
 
     async def _quorum_flow(self, link: BusLink, intent: Intent, actuator: Actuator) -> None:
         view = link.view
-        if (reason := view.refusal()) is not None:
+        if (reason := self.refusal(intent)) is not None:
             self._answer_refused(intent, reason, retry_after=BUS_RETRY)
             return
         try:
@@ -202,7 +210,7 @@ class Execution:
             self._answer_refused(intent, f"quorum {tally.outcome}: {tally.reason}")
             return
         # The world may have changed during the vote: check again before acting.
-        if (reason := view.refusal()) is not None or view.kv is None:
+        if (reason := self.refusal(intent)) is not None or view.kv is None:
             self._answer_refused(intent, reason or "no lease bucket")
             await link.record(intent, repair, "refused", reason or "no lease bucket")
             return

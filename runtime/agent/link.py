@@ -193,8 +193,12 @@ class BusView:
         """The freeze in force, or None."""
         return self.freeze.control
 
-    def refusal(self) -> str | None:
-        """Why destructive work must not start now, or None when it may."""
+    def refusal(self, *, compensation: bool = False) -> str | None:
+        """Why destructive work must not start now, or None when it may.
+
+        A freeze stops repairs, not their undoing: a ``compensation`` (an uncordon, a
+        lease release) is refused only when no quorum could be reached at all.
+        """
         if not self.connected:
             return "bus down"
         if self.problems:
@@ -205,7 +209,7 @@ class BusView:
             # The local server answers but JetStream does not (on the minority side of a
             # partition it has no meta leader): no vote or lease could be stored.
             return f"bus connected but JetStream is not answering: {self.jetstream_error}"
-        if self.frozen is not None:
+        if self.frozen is not None and not compensation:
             return f"fleet frozen by {self.frozen.reason!r}"
         return None
 

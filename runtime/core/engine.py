@@ -17,12 +17,13 @@ breaks a run nor confirms one, opens nothing and clears nothing. Events:
 step 0, once: an offered intent is not offered again until the agent answers it.
 
 - ``finished(ok=True)`` on a remedy with ``verify``: the expectation is checked on
-  each later snapshot (taken after the finish). Met by ``finish + verify.within``:
-  ``RepairVerified``, the ladder ends and the target's cooldown starts. Not met by
-  then (or unknown at the deadline): ``StepFailed``, and the next step is offered in
-  the same evaluation. The first snapshot at or past the deadline is still read
-  first: the agent cannot look between ticks, so a tick longer than ``within`` does
-  not fail a repair that worked.
+  each later snapshot (taken after the finish). Met by ``finish + verify.within`` and
+  then on every snapshot for ``verify.healthyFor`` (zero by default): ``RepairVerified``,
+  the ladder ends and the target's cooldown starts. Not met by then, or unmet again at
+  or past the deadline (or unknown there): ``StepFailed``, and the next step is offered
+  in the same evaluation; a relapse before the deadline only restarts the count. The
+  first snapshot at or past the deadline is still read first: the agent cannot look
+  between ticks, so a tick longer than ``within`` does not fail a repair that worked.
 - ``finished(ok=True)`` without ``verify``: verified at once.
 - ``finished(ok=False)``: ``StepFailed``; the next step is offered at the next
   evaluation.
@@ -32,6 +33,12 @@ step 0, once: an offered intent is not offered again until the agent answers it.
 - After the cooldown, a finding that is still open starts the ladder again at step 0.
   A cooldown outlives its finding, so a target that flaps is not repaired more often
   than once per cooldown.
+- **Attempts.** Every repair action started on a target (escalations aside) counts
+  against ``budget.maxAttempts`` over the trailing ``budget.attemptsWindow``, across
+  ladders. A target that has used them up is not repaired again: the engine offers one
+  ``bus.escalate`` (``Intent.guard`` says why), holds the target with that reason until
+  the window has let old attempts go, and escalates again at most once per window. A
+  repair that never heals thus runs exactly ``maxAttempts`` actions, then asks people.
 - When a finding clears, its ladder is dropped, unless its intent is still out
   (offered, running or verifying): then the ladder is kept, and budgets keep counting
   it, until that intent is refused or fails (dropped, no cooldown: nothing changed
@@ -50,6 +57,9 @@ the snapshot's host. ``host.node.reboot`` on a node finding acts on the node's h
 ``bus.escalate`` goes with the finding's target. A step that cannot apply to the
 target (``k8s.workload.restart`` on a pod with no workload) is skipped and reported as
 a ``Hold`` naming why; the ladder moves to the next step.
+
+**Compensations** (``k8s.node.uncordon``, ``bus.lease.release``: undoing what a repair
+left behind) are never held by the breaker, ``maxInFlight`` or ``perHour``.
 
 **Budgets**, per policy: ``maxInFlight`` bounds intents offered-but-unanswered,
 running and verifying; ``perHour`` bounds starts in the trailing hour, counting
@@ -92,7 +102,7 @@ from typing import ClassVar
 from bus.messages import Required, Target
 from runtime.core.detecting import JSON, Detection, Match, detect, expectation_met
 from runtime.core.targets import action_target
-from runtime.model.catalog import Action, Params, lookup
+from runtime.model.catalog import COMPENSATIONS, Action, Params, lookup
 from runtime.model.durations import format_duration
 from runtime.model.formats import DEFAULT_FLEET, Quorum, Remedy, RepairPolicy
 from runtime.model.snapshot import Snapshot
@@ -178,6 +188,9 @@ class Intent:
     # Why this step: empty from the rules brain (the policy is the reason), the
     # model's words when a brain picked it. Travels in the proposal.
     rationale: str = ""
+    # Set on the escalation a loop guard offers instead of the ladder's step: why the
+    # engine stopped repairing the target.
+    guard: str = ""
 
 
 @dataclass(frozen=True)
@@ -310,6 +323,7 @@ class _Ladder:
     refusal: str = ""
     finished_at: datetime | None = None
     deadline: datetime | None = None
+    healthy_since: datetime | None = None  # verify: met on every snapshot since
     orphaned: bool = False  # the finding cleared while the intent was out
 
 
@@ -332,6 +346,13 @@ class _PolicyState:
     starts: list[datetime] = field(default_factory=list)
     offers: dict[str, int] = field(default_factory=dict)
     breaker: BreakerTripped | None = None
+    attempts: dict[str, list[datetime]] = field(default_factory=dict)  # by finding target
+    gave_up: dict[str, datetime] = field(default_factory=dict)  # escalated by a loop guard
+
+    def attempts_in_window(self, key: str, at: datetime) -> list[datetime]:
+        window = self.policy.spec.budget.attemptsWindow
+        kept = self.attempts[key] = [t for t in self.attempts.get(key, ()) if at - t < window]
+        return kept
 
     @property
     def name(self) -> str:
@@ -421,12 +442,18 @@ class PolicyEngine:
                 verify.expect, ladder.finding.target, state.policy.spec.detect, snapshot,
                 acted_on=intent.target if intent.target != ladder.finding.target else None)
             if met:
-                self._pending.append(RepairVerified(intent, snapshot.at))
-                self._end(state, key, snapshot.at)
-            elif snapshot.at >= ladder.deadline:
-                self._pending.append(StepFailed(
-                    intent, f"verify: {verify.expect} not met within "
-                    f"{format_duration(verify.within)}", snapshot.at))
+                since = ladder.healthy_since = ladder.healthy_since or snapshot.at
+                if snapshot.at - since >= verify.healthyFor:
+                    self._pending.append(RepairVerified(intent, snapshot.at))
+                    self._end(state, key, snapshot.at)
+                continue
+            relapsed = ladder.healthy_since is not None
+            ladder.healthy_since = None
+            if snapshot.at >= ladder.deadline:
+                how = (f"held, then not for {format_duration(verify.healthyFor)}" if relapsed
+                       else f"not met within {format_duration(verify.within)}")
+                self._pending.append(StepFailed(intent, f"verify: {verify.expect} {how}",
+                                                snapshot.at))
                 if ladder.orphaned:
                     self._end(state, key, snapshot.at)  # no next step for a cleared finding
                 else:
@@ -495,6 +522,8 @@ class PolicyEngine:
 
     def _offer_step(self, state: _PolicyState, ladder: _Ladder, snapshot: Snapshot,
                     offers: _Offers) -> None:
+        if self._gave_up(state, ladder, snapshot.at, offers):
+            return
         remedies = state.policy.spec.remedies
         while ladder.step < len(remedies):
             remedy = remedies[ladder.step]
@@ -504,7 +533,7 @@ class PolicyEngine:
                 offers.hold(state, ladder, f"step {ladder.step} skipped: {target}")
                 ladder.step += 1
                 continue
-            reason = self._blocked(state, remedy.is_destructive, snapshot.at)
+            reason = self._blocked(state, remedy, snapshot.at)
             if reason is not None:
                 offers.hold(state, ladder, reason)
                 return
@@ -512,7 +541,31 @@ class PolicyEngine:
             return
         self._exhaust(state, ladder.finding.target.key, snapshot.at)
 
-    def _blocked(self, state: _PolicyState, destructive: bool, at: datetime) -> str | None:
+    def _gave_up(self, state: _PolicyState, ladder: _Ladder, at: datetime,
+                 offers: _Offers) -> bool:
+        """The loop guard: True when the target has used up ``maxAttempts``, after
+        offering the one escalation of this window (or holding, once it was offered)."""
+        budget, key = state.policy.spec.budget, ladder.finding.target.key
+        spent = state.attempts_in_window(key, at)
+        if len(spent) < budget.maxAttempts:
+            return False
+        reason = (f"{len(spent)} repair attempts on {key} within "
+                  f"{format_duration(budget.attemptsWindow)} (maxAttempts {budget.maxAttempts}); "
+                  f"repairs stop until a person looks")
+        escalated = state.gave_up.get(key)
+        if escalated is not None and at - escalated < budget.attemptsWindow:
+            offers.hold(state, ladder, f"{reason}; escalated at {escalated.isoformat()}")
+            return True
+        state.gave_up[key] = at
+        escalation = Remedy(action="bus.escalate", params={"message": reason[:500]})
+        offers.intents.append(self._make_intent(state, ladder, ladder.finding.target, at,
+                                                remedy=escalation, guard=reason))
+        return True
+
+    def _blocked(self, state: _PolicyState, remedy: Remedy, at: datetime) -> str | None:
+        if remedy.action in COMPENSATIONS:
+            return None  # undoing a repair is never held (see Compensations)
+        destructive = remedy.is_destructive
         if destructive and state.breaker is not None:
             return f"{state.breaker.reason}; destructive repairs wait for a reset"
         budget = state.policy.spec.budget
@@ -527,9 +580,10 @@ class PolicyEngine:
         return None
 
     def _make_intent(self, state: _PolicyState, ladder: _Ladder, target: Target,
-                     at: datetime, rationale: str = "") -> Intent:
+                     at: datetime, rationale: str = "", *, remedy: Remedy | None = None,
+                     guard: str = "") -> Intent:
         key = ladder.finding.target.key
-        remedy = state.policy.spec.remedies[ladder.step]
+        remedy = remedy or state.policy.spec.remedies[ladder.step]
         count = state.offers[key] = state.offers.get(key, 0) + 1
         destructive = remedy.is_destructive
         intent = Intent(
@@ -547,6 +601,7 @@ class PolicyEngine:
             finding=ladder.finding,
             offered_at=at,
             rationale=rationale,
+            guard=guard,
         )
         ladder.phase, ladder.intent, ladder.not_before = _Phase.OFFERED, intent, None
         self._outstanding[intent.id] = (state, key)
@@ -567,7 +622,7 @@ class PolicyEngine:
         ladder = state.ladders[key]
         ladder.step += 1
         ladder.phase, ladder.intent = _Phase.READY, None
-        ladder.finished_at = ladder.deadline = None
+        ladder.finished_at = ladder.deadline = ladder.healthy_since = None
         if ladder.step >= len(state.policy.spec.remedies):
             self._exhaust(state, key, at)
 
@@ -588,12 +643,20 @@ class PolicyEngine:
         state, _, ladder = self._answer(intent_id, _Phase.OFFERED)
         ladder.phase = _Phase.RUNNING
         state.starts.append(at)
+        self._attempted(state, ladder, at)
+
+    @staticmethod
+    def _attempted(state: _PolicyState, ladder: _Ladder, at: datetime) -> None:
+        assert ladder.intent is not None
+        if ladder.intent.action.name != "bus.escalate":  # telling people is no attempt
+            state.attempts.setdefault(ladder.finding.target.key, []).append(at)
 
     def finished(self, intent_id: str, at: datetime, *, ok: bool, detail: str = "") -> None:
         """The action ran to its end; ``ok`` is whether it did what it says."""
         state, key, ladder = self._answer(intent_id, _Phase.OFFERED, _Phase.RUNNING)
         if ladder.phase is _Phase.OFFERED:
             state.starts.append(at)  # a dry run may skip ``started``; it still spent budget
+            self._attempted(state, ladder, at)
         del self._outstanding[intent_id]
         intent = ladder.intent
         assert intent is not None
@@ -623,7 +686,8 @@ class PolicyEngine:
         remedies = state.policy.spec.remedies
         if not 0 <= step < len(remedies):
             raise IntentReportError(f"{state.name} has no step {step}")
-        if remedies[step].is_destructive and state.breaker is not None:
+        if (remedies[step].is_destructive and state.breaker is not None
+                and remedies[step].action not in COMPENSATIONS):
             return f"{state.breaker.reason}; destructive repairs wait for a reset"
         del self._outstanding[intent_id]
         ladder.step = step

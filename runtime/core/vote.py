@@ -26,7 +26,7 @@ from runtime.core.engine import policy_digest, required, required_at
 from runtime.core.review import Check, blocking
 from runtime.core.targets import finding_behind
 from runtime.model import scopes
-from runtime.model.catalog import lookup
+from runtime.model.catalog import COMPENSATIONS, lookup
 from runtime.model.formats import Persona, Quorum, RepairPolicy
 
 
@@ -71,6 +71,8 @@ def screen(proposal: Proposal, *, policy: RepairPolicy | None, proposer: Persona
         return _reject(problem)
     if (problem := _proposer_not_allowed(proposer_name, proposer, proposal)) is not None:
         return _reject(problem)
+    if proposal.action in COMPENSATIONS:
+        return None  # undoing a repair is never held by a freeze, a breaker or a budget
     if frozen is not None:
         return _reject(f"fleet frozen: {frozen}")
     if breaker:
