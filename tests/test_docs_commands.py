@@ -283,6 +283,8 @@ SKIP_PREFIXES: dict[str, str] = {
     "systemctl ": "manages units of the real host's systemd (root); "
                   "tests/test_e2e_systemd.py does it in a booted Debian root",
     "journalctl ": "reads the real host's journal",
+    "kubectl label ": "labels a node of a real cluster; what the opt-out label does is "
+                      "tested in tests/test_selectors.py",
     ".venv/bin/python bench/": "a benchmark: minutes of CPU, not a test (docs/benchmarks.md)",
     ".venv/bin/python -m bench": "a benchmark: minutes of CPU, not a test (docs/benchmarks.md)",
 }

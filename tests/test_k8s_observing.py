@@ -49,6 +49,7 @@ from runtime.model.snapshot import (
     NodeCondition,
     NodeObs,
     PodObs,
+    Resources,
     SourceStatus,
 )
 from tests.builders import T0, at
@@ -248,6 +249,31 @@ def test_a_pod_keeps_its_containers_and_only_regular_ones() -> None:
     assert PodObs.model_validate(obs.model_dump()) == obs
     pending = pod_obs(pod_json("web-2", node=None, phase=""), owner=None)
     assert (pending.node, pending.phase, pending.containers) == (None, "Pending", ())
+
+
+def test_requests_allocatable_and_labels_are_read_as_the_scheduler_counts_them() -> None:
+    """Requests are the containers' sum or the largest init container's, plus overhead;
+    an amount the API server would have refused counts as nothing, never as a crash."""
+    obj = pod_json("web-1")
+    obj["metadata"]["labels"] = {"app": "web", "zeta-agent/opt-out": "true"}
+    obj["spec"].update({
+        "containers": [{"name": "app", "resources": {"requests": {"cpu": "250m",
+                                                                  "memory": "128Mi"}}},
+                       {"name": "proxy", "resources": {"requests": {"cpu": "0.5"}}},
+                       {"name": "bare"}],
+        "initContainers": [{"name": "init", "resources": {"requests": {"memory": "1Gi",
+                                                                       "cpu": "bogus"}}}],
+        "overhead": {"cpu": "10m"}})
+    obs = pod_obs(obj, owner=None)
+    assert obs.requests == Resources(cpu_millis=760, memory_bytes=2**30)
+    assert obs.labels == {"app": "web", "zeta-agent/opt-out": "true"}
+    assert PodObs.model_validate(obs.model_dump()) == obs
+    twin = pod_obs({**obj, "metadata": {**obj["metadata"], "name": "web-2"}}, owner=None)
+    assert twin.labels is obs.labels  # one mapping per distinct label set
+    node = node_json("worker-1")
+    node["status"]["allocatable"] = {"cpu": "7500m", "memory": "31Gi", "pods": "110"}
+    assert node_obs(node).allocatable == Resources(cpu_millis=7500, memory_bytes=31 * 2**30)
+    assert node_obs(node_json("worker-2")).allocatable is None
 
 
 def test_pods_are_owned_by_their_top_level_workload() -> None:

@@ -207,6 +207,17 @@ BREAKAGES = {
     "tier custody": Breakage(
         "personas/lior.yaml", "tier: propose", "tier: custody",
         (Expect("tier: custody", "spec.tier", "tier 'custody' is never granted to a daemon"),)),
+    "unknown selector operator": Breakage(
+        "policies/node-not-ready.yaml", "    for: 2m\n",
+        "    selector:\n      matchExpressions: [{key: role, operator: Maybe}]\n    for: 2m\n",
+        (Expect("matchExpressions: [{key: role",
+                "spec.detect.selector.matchExpressions[0].operator",
+                "Input should be 'In', 'NotIn', 'Exists' or 'DoesNotExist'"),)),
+    "selector In without values": Breakage(
+        "policies/node-not-ready.yaml", "    for: 2m\n",
+        "    selector:\n      matchExpressions: [{key: role, operator: In}]\n    for: 2m\n",
+        (Expect("matchExpressions: [{key: role", "spec.detect.selector.matchExpressions[0]",
+                "In needs at least one value"),)),
     "unknown kind": Breakage(
         "policies/stale-lease.yaml", "kind: RepairPolicy", "kind: RepairPolcy",
         (Expect("kind: RepairPolcy", "kind",

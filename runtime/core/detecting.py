@@ -30,6 +30,7 @@ from runtime.model.formats import (
     PodCrashloopDetect,
     StaleLeaseDetect,
     UnitFailedDetect,
+    opted_out,
 )
 from runtime.model.snapshot import ApiProbe, EventObs, NodeObs, PodObs, Snapshot
 
@@ -100,7 +101,7 @@ def _node_condition(spec: NodeConditionDetect, snapshot: Snapshot) -> Detection:
     if snapshot.nodes is None:
         return UNKNOWN
     selected = [n for n in snapshot.nodes
-                if all(n.labels.get(k) == v for k, v in spec.selector.items())]
+                if spec.selector.matches(n.labels) and not opted_out(n.labels)]
     matches = []
     for node in selected:
         condition = node.condition(spec.condition)
@@ -135,6 +136,8 @@ def _pod_crashloop(spec: PodCrashloopDetect, snapshot: Snapshot) -> Detection:
     groups: dict[str, tuple[Target, list[PodObs]]] = {}
     for pod in snapshot.pods:
         if spec.namespaces and pod.namespace not in spec.namespaces:
+            continue
+        if not spec.selector.matches(pod.labels) or opted_out(pod.labels):
             continue
         # Repairs act on the workload (a rolling restart), so three crashing
         # replicas are one finding, not three.
@@ -234,7 +237,8 @@ def _cordon_without_owner(_spec: CordonWithoutOwnerDetect, snapshot: Snapshot) -
     for node in snapshot.nodes:
         repair = node.annotations.get(REPAIR_ANNOTATION)
         # No annotation: a person cordoned the node, and only a person uncordons it.
-        if not node.unschedulable or repair is None or not _ready(node) or repair in held:
+        if (not node.unschedulable or repair is None or not _ready(node) or repair in held
+                or opted_out(node.labels)):
             continue
         matches.append(Match(
             Target(kind="node", name=node.name),

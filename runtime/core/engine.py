@@ -101,7 +101,7 @@ from typing import ClassVar
 
 from bus.messages import Required, Target
 from runtime.core.detecting import JSON, Detection, Match, detect, expectation_met
-from runtime.core.targets import action_target
+from runtime.core.targets import action_target, opt_out
 from runtime.model.catalog import COMPENSATIONS, Action, Params, lookup
 from runtime.model.durations import format_duration
 from runtime.model.formats import DEFAULT_FLEET, Quorum, Remedy, RepairPolicy
@@ -533,7 +533,7 @@ class PolicyEngine:
                 offers.hold(state, ladder, f"step {ladder.step} skipped: {target}")
                 ladder.step += 1
                 continue
-            reason = self._blocked(state, remedy, snapshot.at)
+            reason = opt_out(target, snapshot) or self._blocked(state, remedy, snapshot.at)
             if reason is not None:
                 offers.hold(state, ladder, reason)
                 return

@@ -14,7 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bus.messages import Target
-from runtime.model.catalog import Action, Params, UnitParams
+from runtime.model.catalog import OPT_OUT_LABEL, Action, Params, UnitParams
+from runtime.model.formats import opted_out
+from runtime.model.snapshot import Snapshot
+
+WORKLOAD_KINDS = frozenset({"deployment", "statefulset", "daemonset"})
 
 
 def action_target(action: Action, params: Params, finding: Target,
@@ -46,4 +50,31 @@ def finding_behind(action: Action, params: Params, target: Target,
     for finding in findings:
         if action_target(action, params, finding, target.host) == target:
             return finding
+    return None
+
+
+def opt_out(target: Target, snapshot: Snapshot) -> str | None:
+    """Why no agent may act on ``target`` as ``snapshot`` shows it, or None.
+
+    A node opts out itself and every action on its host (a unit, a reboot); a pod opts
+    out itself; a workload opts out through its pods' labels (its pod template's), the
+    labels the agents watch.
+    """
+    node = (target.name if target.kind in ("node", "host")
+            else target.host if target.kind == "unit" else None)
+    mark = f"{OPT_OUT_LABEL}=true"
+    if node and snapshot.nodes is not None:
+        for seen in snapshot.nodes:
+            if seen.name == node and opted_out(seen.labels):
+                return f"node {node} is labelled {mark}: no agent acts on it or its host"
+    if target.kind == "pod" and snapshot.pods is not None:
+        for pod in snapshot.pods:
+            if (pod.namespace, pod.name) == (target.namespace, target.name) and opted_out(
+                    pod.labels):
+                return f"pod {target.namespace}/{target.name} is labelled {mark}"
+    if target.kind in WORKLOAD_KINDS and snapshot.pods is not None:
+        for pod in snapshot.pods:
+            if pod.owner == target and opted_out(pod.labels):
+                return (f"{target.kind} {target.namespace}/{target.name} has pods labelled "
+                        f"{mark}")
     return None

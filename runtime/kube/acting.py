@@ -40,13 +40,14 @@ from runtime.core.engine import Intent
 from runtime.core.ports import Actuator, Fence, Outcome
 from runtime.kube.client import load_client
 from runtime.model.catalog import (
+    OPT_OUT_LABEL,
     PERSONA_ANNOTATION,
     REPAIR_ANNOTATION,
     DrainParams,
     PodDeleteParams,
 )
 from runtime.model.durations import format_duration
-from runtime.model.formats import Persona
+from runtime.model.formats import Persona, opted_out
 
 log = structlog.get_logger()
 
@@ -74,6 +75,7 @@ class NodeState:
     # False while the node's Ready condition is not True: its kubelet is not there to
     # finish the termination of its pods.
     ready: bool = True
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class WorkloadState:
     name: str
     paused: bool = False
     on_delete: bool = False  # updateStrategy OnDelete: a template change replaces no pod
+    labels: Mapping[str, str] = field(default_factory=dict)  # its pod template's
 
 
 class KubeApi(Protocol):
@@ -131,6 +134,13 @@ class KubeApi(Protocol):
 
 def _dry(dry_run: bool) -> str | None:
     return "All" if dry_run else None
+
+
+def _template_labels(spec: client.V1DeploymentSpec | client.V1StatefulSetSpec
+                     | client.V1DaemonSetSpec | None) -> dict[str, str]:
+    template = spec.template if spec is not None else None
+    metadata = template.metadata if template is not None else None
+    return dict(metadata.labels or {}) if metadata is not None else {}
 
 
 def _pod_state(pod: client.V1Pod) -> PodState:
@@ -170,7 +180,8 @@ class ClientApi:
                          annotations=dict(meta.annotations or {}),
                          resource_version=meta.resource_version or "",
                          ready=any(c.type == "Ready" and c.status == "True"
-                                   for c in (node.status and node.status.conditions) or ()))
+                                   for c in (node.status and node.status.conditions) or ()),
+                         labels=dict(meta.labels or {}))
 
     def patch_node(self, name: str, patch: Patch, *, dry_run: bool) -> None:
         self._core.patch_node(name, patch, dry_run=_dry(dry_run), _request_timeout=self._timeout)
@@ -202,18 +213,19 @@ class ClientApi:
             deployment = self._apps.read_namespaced_deployment(name, namespace,
                                                                _request_timeout=self._timeout)
             return WorkloadState(kind, namespace, name,
-                                 paused=bool(deployment.spec and deployment.spec.paused))
-        strategy: client.V1StatefulSetUpdateStrategy | client.V1DaemonSetUpdateStrategy | None
+                                 paused=bool(deployment.spec and deployment.spec.paused),
+                                 labels=_template_labels(deployment.spec))
+        spec: client.V1StatefulSetSpec | client.V1DaemonSetSpec | None
         if kind == "statefulset":
-            statefulset = self._apps.read_namespaced_stateful_set(name, namespace,
-                                                                  _request_timeout=self._timeout)
-            strategy = statefulset.spec.update_strategy if statefulset.spec else None
+            spec = self._apps.read_namespaced_stateful_set(
+                name, namespace, _request_timeout=self._timeout).spec
         else:
-            daemonset = self._apps.read_namespaced_daemon_set(name, namespace,
-                                                              _request_timeout=self._timeout)
-            strategy = daemonset.spec.update_strategy if daemonset.spec else None
+            spec = self._apps.read_namespaced_daemon_set(
+                name, namespace, _request_timeout=self._timeout).spec
+        strategy = spec.update_strategy if spec else None
         return WorkloadState(kind, namespace, name,
-                             on_delete=strategy is not None and strategy.type == "OnDelete")
+                             on_delete=strategy is not None and strategy.type == "OnDelete",
+                             labels=_template_labels(spec))
 
     def patch_workload(self, kind: WorkloadKind, namespace: str, name: str, patch: Patch, *,
                        dry_run: bool) -> None:
@@ -377,6 +389,8 @@ class KubernetesActuator(ABC):
                 outcome = await self._act(intent, repair, session)
             except StaleFenceError as exc:
                 outcome = Outcome(False, f"{exc}: the lease on {intent.target.key} moved on")
+            except OptedOutError as exc:
+                outcome = Outcome(False, str(exc))
             except ForbiddenError as exc:
                 outcome = Outcome(False, (
                     f"scope/RBAC mismatch: {self.persona}'s scopes allow {intent.action.name}, "
@@ -402,8 +416,17 @@ def _said(session: Session, would: str, did: str) -> str:
     return f"dry-run (the API server accepted it): would {would}" if session.dry_run else did
 
 
+class OptedOutError(Exception):
+    """The object carries the opt-out label: no agent acts on it."""
+
+
 async def _read_node(session: Session, node: str) -> NodeState:
-    return await session.read(Call("get", "nodes", node), lambda api: api.read_node(node))
+    """The node as the API server has it now; an opted-out node stops the action here,
+    however recent the snapshot that proposed it."""
+    state = await session.read(Call("get", "nodes", node), lambda api: api.read_node(node))
+    if opted_out(state.labels):
+        raise OptedOutError(f"node {node} is labelled {OPT_OUT_LABEL}=true: no agent acts on it")
+    return state
 
 
 async def ensure_cordoned(session: Session, node: str, *, repair: str, persona: str) -> str:
@@ -707,6 +730,9 @@ class WorkloadRestart(KubernetesActuator):
             state = await session.read(Call("get", resource, f"{namespace}/{target.name}"),
                                        lambda api: api.read_workload(kind, namespace,
                                                                      target.name))
+            if opted_out(state.labels):
+                return Outcome(False, f"{what}'s pods are labelled {OPT_OUT_LABEL}=true: no "
+                                      "agent restarts it")
             if state.paused:
                 return Outcome(False, f"{what} is paused: a restart would replace no pod")
             if state.on_delete:

@@ -215,6 +215,17 @@ def workload(kind: TargetKind, namespace: str, name: str) -> Target:
     return Target(kind=kind, namespace=namespace, name=name)
 
 
+@functools.lru_cache(maxsize=65536)
+def _label_set(items: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in items}
+
+
+def _pod_labels(values: Any) -> dict[str, str]:
+    """A pod's labels, one shared mapping per distinct set: the pods of one ReplicaSet
+    all carry the same (nothing mutates a frozen observation's mapping)."""
+    return _label_set(tuple(sorted((values or {}).items()))) if values else {}
+
+
 def pod_obs(obj: JSON, owner: Target | None) -> PodObs:
     """A Pod object as the detectors see it, with its already resolved top-level owner.
 
@@ -227,7 +238,7 @@ def pod_obs(obj: JSON, owner: Target | None) -> PodObs:
          _text(((c.get("state") or {}).get("waiting") or {}).get("reason")))
         for c in status.get("containerStatuses") or ())
     return _build(PodObs, namespace=_text(meta["namespace"]), name=str(meta["name"]),
-                  node=_text(spec.get("nodeName")) or None,
+                  node=_text(spec.get("nodeName")) or None, labels=_pod_labels(meta.get("labels")),
                   phase=_text(status.get("phase")) or "Pending", owner=owner,
                   containers=_containers(states), requests=_requests(spec))
 

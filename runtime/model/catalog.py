@@ -84,6 +84,9 @@ DESTRUCTIVE_MIN_APPROVALS = 2
 # without these annotations were placed by people and are never lifted by an agent.
 REPAIR_ANNOTATION = "zeta-agent/repair"
 PERSONA_ANNOTATION = "zeta-agent/persona"
+# A node, pod or workload labelled ``zeta-agent/opt-out=true`` is never detected as
+# broken nor acted on by any agent: its owners repair it themselves.
+OPT_OUT_LABEL = "zeta-agent/opt-out"
 
 CATALOG: dict[str, Action] = {
     a.name: a

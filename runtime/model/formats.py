@@ -7,6 +7,7 @@ number (see ``runtime.config.loading``) instead of a setting that silently does 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import PurePosixPath
@@ -26,7 +27,13 @@ from pydantic import (
 from bus.keys import check_user_public_key
 from bus.subjects import PERSONA_NAME
 from runtime.model import scopes as scoping
-from runtime.model.catalog import DESTRUCTIVE_MIN_APPROVALS, Params, UnknownActionError, lookup
+from runtime.model.catalog import (
+    DESTRUCTIVE_MIN_APPROVALS,
+    OPT_OUT_LABEL,
+    Params,
+    UnknownActionError,
+    lookup,
+)
 from runtime.model.durations import Duration
 
 API_VERSION = "zeta/v1"
@@ -230,6 +237,63 @@ class Persona(Model):
 
 
 
+# ---------------------------------------------------------------- policy: selectors
+
+
+class Requirement(Model):
+    """One set-based condition on a label, as Kubernetes label selectors write it."""
+
+    key: str = Field(min_length=1, max_length=317)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> Self:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"{self.operator} needs at least one value")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"{self.operator} takes no values")
+        return self
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        match self.operator:
+            case "In":
+                return labels.get(self.key) in self.values
+            case "NotIn":
+                # As in Kubernetes: an object without the label is "not in" any set.
+                return labels.get(self.key) not in self.values
+            case "Exists":
+                return self.key in labels
+            case "DoesNotExist":
+                return self.key not in labels
+
+
+class Selector(Model):
+    """Which objects a detector looks at: every ``matchLabels`` pair and every
+    ``matchExpressions`` requirement must hold (empty: everything). A plain mapping of
+    labels is read as ``matchLabels``."""
+
+    matchLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
+    matchExpressions: tuple[Requirement, ...] = ()  # noqa: N815
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_labels(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value and not value.keys() & {"matchLabels",
+                                                                      "matchExpressions"}:
+            return {"matchLabels": value}
+        return value
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return (all(labels.get(k) == v for k, v in self.matchLabels.items())
+                and all(r.matches(labels) for r in self.matchExpressions))
+
+
+def opted_out(labels: Mapping[str, str]) -> bool:
+    """Whether the object's owners asked the agents to leave it alone."""
+    return labels.get(OPT_OUT_LABEL, "").lower() == "true"
+
+
 # ---------------------------------------------------------------- policy: detectors
 
 
@@ -242,13 +306,16 @@ class NodeConditionDetect(_Detect):
     kind: Literal["node-condition"]
     condition: str = "Ready"
     status: tuple[Literal["True", "False", "Unknown"], ...] = ("False", "Unknown")
-    selector: dict[str, str] = Field(default_factory=dict, description="Node labels to match.")
+    selector: Selector = Field(default_factory=Selector,
+                               description="Which nodes to look at, by label.")
 
 
 class PodCrashloopDetect(_Detect):
     kind: Literal["pod-crashloop"]
     minRestarts: int = Field(default=3, ge=1)  # noqa: N815
     namespaces: tuple[str, ...] = ()
+    selector: Selector = Field(default_factory=Selector,
+                               description="Which pods to look at, by label.")
 
 
 class ApiserverUnreachableDetect(_Detect):

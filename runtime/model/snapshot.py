@@ -73,6 +73,7 @@ class PodObs(Obs):
     node: str | None = None
     phase: str = "Pending"
     owner: Target | None = Field(default=None, description="The top-level workload, if any.")
+    labels: dict[str, str] = Field(default_factory=dict)
     containers: tuple[ContainerObs, ...] = ()
     requests: Resources = Field(
         default=NO_RESOURCES, description="The sum of its containers' requests (the "
