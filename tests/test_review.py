@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 
 from bus.messages import Proposal, QuorumRule, Target, TargetKind
 from runtime.agent.observing import Observing
+from runtime.agent.voting import Voter
 from runtime.config.loading import ConfigSet, config_paths, load
 from runtime.core import review, vote
 from runtime.core.engine import policy_digest
@@ -360,6 +361,14 @@ def _cordon(node_name: str, config: ConfigSet) -> Proposal:
                                       deadline=datetime.now(UTC) + timedelta(seconds=30)))
 
 
+async def _remembering(voter: Voter) -> datetime:
+    """Now, after the voter's engine has seen its observers' view for three minutes: a
+    vote holds the policy's ``for:`` (2m) against that history."""
+    now = datetime.now(UTC)
+    voter.engine.evaluate(await voter.observing.snapshot(now - timedelta(minutes=3)))
+    return now
+
+
 async def test_riven_blocks_a_cordon_of_the_last_control_plane_node_and_says_why() -> None:
     config = load(config_paths(REPO))
     lone = [not_ready_since("cp-1", -600).model_copy(update={"labels": CP}),
@@ -367,7 +376,7 @@ async def test_riven_blocks_a_cordon_of_the_last_control_plane_node_and_says_why
     observing = Observing([_Fixed(lone)], timeout=1, host="cp-2")
     _, riven = unconnected_bus(config, "riven", observing=observing)
     policy = config.policies["node-not-ready"].value
-    cast = await riven._confirm(policy, _cordon("cp-1", config), datetime.now(UTC))
+    cast = await riven._confirm(policy, _cordon("cp-1", config), await _remembering(riven))
     assert cast.verdict == "reject"
     assert cast.reason.startswith("review: last-control-plane: cordon of cp-1 would leave no "
                                   "Ready control-plane node")
@@ -391,6 +400,6 @@ async def test_a_voter_without_the_veto_duty_runs_no_review() -> None:
     _, alexa = unconnected_bus(config, "alexa", observing=Observing([_Fixed(lone)], timeout=1,
                                                                     host="cp-2"))
     cast = await alexa._confirm(config.policies["node-not-ready"].value,
-                                _cordon("cp-1", config), datetime.now(UTC))
+                                _cordon("cp-1", config), await _remembering(alexa))
     assert cast.verdict == "approve"
     assert "checks" not in cast.evidence

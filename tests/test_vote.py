@@ -16,7 +16,7 @@ from bus.messages import Proposal, QuorumRule, Target
 from runtime.core.detecting import Detection, Match
 from runtime.core.engine import policy_digest
 from runtime.core.review import Check
-from runtime.core.vote import Holder, Vote, confirm, final, reviewed, screen
+from runtime.core.vote import History, Holder, Vote, confirm, final, reviewed, screen
 from runtime.model.formats import Persona, Quorum, RepairPolicy
 from tests.builders import T0, at, persona, policy
 
@@ -24,9 +24,10 @@ DEFAULT = Quorum(approvals=2)
 NODE = Target(kind="node", name="worker-1")
 
 
-def cordon_policy(**budget: Any) -> RepairPolicy:
+def cordon_policy(hold: str = "0s", **budget: Any) -> RepairPolicy:
     return policy("node-not-ready",
-                  {"kind": "node-condition", "condition": "Ready", "status": ["False"]},
+                  {"kind": "node-condition", "condition": "Ready", "status": ["False"],
+                   "for": hold},
                   [{"action": "k8s.node.cordon",
                     "quorum": {"approvals": 3, "veto": ["riven"], "deadline": "30s"}}],
                   budget={"perHour": 3, **budget})
@@ -58,9 +59,11 @@ def seen(*names: str, population: int | None = 10) -> Detection:
                      population=population)
 
 
-def confirmed(rule: RepairPolicy, detection: Detection, holder: Holder | None = None) -> Vote:
+def confirmed(rule: RepairPolicy, detection: Detection, holder: Holder | None = None, *,
+              history: History | None = None) -> Vote:
     return confirm(proposal(rule), policy=rule, holder=holder, detection=detection,
-                   host="cp-2", sources={"nodes": "watch"}, now=at(5))
+                   host="cp-2", sources={"nodes": "watch"}, now=at(5),
+                   history=lambda _key: history)
 
 
 def test_a_sound_proposal_passes_the_screen() -> None:
@@ -203,3 +206,29 @@ def test_a_failing_review_check_turns_an_approval_into_an_objection_naming_it() 
     # An objection stays the objection it was, with the checks recorded beside it.
     objection = reviewed(Vote("reject", "blast radius"), (bad,))
     assert (objection.verdict, objection.reason) == ("reject", "blast radius")
+
+
+def test_the_policys_for_is_held_against_the_voters_own_history() -> None:
+    """A proposer that opens its finding early (or lies about since when) does not get
+    an approval from a voter whose own snapshots have matched for less than ``for:``."""
+    rule = cordon_policy("2m")
+    tick = timedelta(seconds=15)
+    long_enough = confirmed(rule, seen("worker-1"), history=History(at(5 - 120), tick))
+    assert long_enough.verdict == "approve"
+    assert long_enough.evidence["held_for_s"] == 120.0
+    # One tick short still passes: two observers' starts differ by up to a tick.
+    assert confirmed(rule, seen("worker-1"),
+                     history=History(at(5 - 106), tick)).verdict == "approve"
+    short = confirmed(rule, seen("worker-1"), history=History(at(5 - 30), tick))
+    assert (short.verdict, short.reason) == (
+        "reject", "I have seen node-condition on node.worker-1 for 30s, not the policy's "
+                  "for: 2m")
+    never = confirmed(rule, seen("worker-1"), history=History(None, tick))
+    assert never.verdict == "reject"
+    assert "for 0s" in never.reason
+
+
+def test_a_voter_that_keeps_no_history_of_the_policy_says_so() -> None:
+    vote = confirmed(cordon_policy("2m"), seen("worker-1"), history=None)
+    assert vote.verdict == "approve"
+    assert vote.evidence["held_for"] == "no history: I do not run this policy"

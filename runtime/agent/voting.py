@@ -8,6 +8,7 @@ lease on the target, and a fresh observation of its own. The judgement itself is
 
 from __future__ import annotations
 
+import functools
 import typing
 from datetime import datetime
 
@@ -99,10 +100,18 @@ class Voter:
                    for name, s in snapshot.sources.items()}
         confirmed = vote.confirm(proposal, policy=policy, holder=holder,
                                  detection=detect(policy.spec.detect, snapshot),
-                                 host=snapshot.host, sources=sources, now=now)
+                                 host=snapshot.host, sources=sources, now=now,
+                                 history=functools.partial(self._history, policy.name))
         if "veto" not in self.persona.spec.duties:
             return confirmed
         return self._review(confirmed, proposal, snapshot)
+
+    def _history(self, policy: str, key: str) -> vote.History | None:
+        """This voter's own memory of the condition on ``key`` (None: it does not run
+        ``policy``, so it keeps none)."""
+        if self.engine.policy(policy) is None:
+            return None
+        return vote.History(self.engine.matching_since(policy, key), self.persona.spec.tick)
 
     def _review(self, confirmed: vote.Vote, proposal: Proposal, snapshot: Snapshot) -> vote.Vote:
         """The veto holder's review of a node-level disruption, on the same snapshot its

@@ -556,8 +556,13 @@ class PolicyEngine:
         if escalated is not None and at - escalated < budget.attemptsWindow:
             offers.hold(state, ladder, f"{reason}; escalated at {escalated.isoformat()}")
             return True
-        state.gave_up[key] = at
         escalation = Remedy(action="bus.escalate", params={"message": reason[:500]})
+        # Telling people is held by the budgets like any step: they bound what an agent
+        # starts, whatever it starts.
+        if (blocked := self._blocked(state, escalation, at)) is not None:
+            offers.hold(state, ladder, f"{reason}; escalation held: {blocked}")
+            return True
+        state.gave_up[key] = at
         offers.intents.append(self._make_intent(state, ladder, ladder.finding.target, at,
                                                 remedy=escalation, guard=reason))
         return True
@@ -723,6 +728,17 @@ class PolicyEngine:
         state.breaker = None
         self._pending.append(BreakerReset(policy, by, at))
         return True
+
+    def matching_since(self, policy: str, key: str) -> datetime | None:
+        """Since when this engine's own snapshots have matched ``policy`` on the target
+        ``key`` without a break (None: it does not run the policy, or no match now).
+
+        A voter holds a proposal's ``for:`` against this, its own history, not only
+        against the snapshot it takes to vote.
+        """
+        state = self._states.get(policy)
+        run = state.runs.get(key) if state is not None else None
+        return run.since if run is not None else None
 
     def breaker(self, policy: str) -> BreakerTripped | None:
         """The trip that holds ``policy``'s destructive repairs, if any.

@@ -15,9 +15,9 @@ each rule is tested on values and re-run offline.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from bus.messages import Proposal, Required, Verdict
 from bus.quorum import looser
@@ -27,6 +27,7 @@ from runtime.core.review import Check, blocking
 from runtime.core.targets import finding_behind
 from runtime.model import scopes
 from runtime.model.catalog import COMPENSATIONS, lookup
+from runtime.model.durations import format_duration
 from runtime.model.formats import Persona, Quorum, RepairPolicy
 
 
@@ -83,13 +84,26 @@ def screen(proposal: Proposal, *, policy: RepairPolicy | None, proposer: Persona
     return None
 
 
+@dataclass(frozen=True)
+class History:
+    """What the voter's own engine remembers of the condition: ``since`` is when its own
+    snapshots started matching the target without a break (None: not matching), and
+    ``slack`` one of its ticks, the most two observers' views of one start can differ."""
+
+    since: datetime | None
+    slack: timedelta
+
+
 def confirm(proposal: Proposal, *, policy: RepairPolicy, holder: Holder | None,
             detection: Detection, host: str, sources: Mapping[str, str],
-            now: datetime) -> Vote:
-    """Approve only what the voter itself sees behind the proposal.
+            now: datetime, history: Callable[[str], History | None]) -> Vote:
+    """Approve only what the voter itself sees behind the proposal, for as long as the
+    policy's ``for:`` asks.
 
     ``detection`` is the voter's own run of the policy's detector on its own fresh
-    snapshot taken on ``host``.
+    snapshot taken on ``host``; ``history(key)`` its engine's memory of the finding
+    target ``key`` (None when it does not run the policy: then only the fresh snapshot
+    speaks, and the vote says so).
     """
     if holder is not None:
         return _reject(f"{proposal.target.key} is leased by repair {holder.repair} "
@@ -111,8 +125,21 @@ def confirm(proposal: Proposal, *, policy: RepairPolicy, holder: Holder | None,
         return _reject(f"I do not see {kind} behind {proposal.action} on "
                        f"{proposal.target.key} from {host}", {"sources": dict(sources)})
     match = detection.matches[finding.key]
+    held: dict[str, object] = {}
+    hold = policy.spec.detect.for_
+    if hold > timedelta(0):
+        seen = history(finding.key)
+        if seen is None:
+            held = {"held_for": "no history: I do not run this policy"}
+        else:
+            length = now - seen.since if seen.since is not None else timedelta(0)
+            if length + seen.slack < hold:
+                return _reject(f"I have seen {kind} on {finding.key} for "
+                               f"{format_duration(length)}, not the policy's for: "
+                               f"{format_duration(hold)}", {"host": host})
+            held = {"held_for_s": round(length.total_seconds(), 1)}
     return Vote("approve", f"confirmed from {host}: {match.summary}",
-                {"observed_at": now.isoformat(), "host": host, **match.evidence})
+                {"observed_at": now.isoformat(), "host": host, **held, **match.evidence})
 
 
 def reviewed(vote: Vote, checks: Sequence[Check]) -> Vote:
