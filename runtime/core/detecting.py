@@ -224,7 +224,8 @@ def _peer_silent(spec: PeerSilentDetect, snapshot: Snapshot) -> Detection:
     return _found(matches, len(snapshot.peers))
 
 
-def _ready(node: NodeObs) -> bool:
+def is_ready(node: NodeObs) -> bool:
+    """Whether the node's Ready condition is True (a node not reporting it is not)."""
     condition = node.condition("Ready")
     return condition is not None and condition.status == "True"
 
@@ -237,7 +238,7 @@ def _cordon_without_owner(_spec: CordonWithoutOwnerDetect, snapshot: Snapshot) -
     for node in snapshot.nodes:
         repair = node.annotations.get(REPAIR_ANNOTATION)
         # No annotation: a person cordoned the node, and only a person uncordons it.
-        if (not node.unschedulable or repair is None or not _ready(node) or repair in held
+        if (not node.unschedulable or repair is None or not is_ready(node) or repair in held
                 or opted_out(node.labels)):
             continue
         matches.append(Match(
@@ -295,7 +296,7 @@ def _node_ready(subject: Target, snapshot: Snapshot) -> bool | None:
         return None
     node = next((n for n in snapshot.nodes if n.name == name), None)
     # A node that left the cluster is not a node that recovered.
-    return node is not None and _ready(node)
+    return node is not None and is_ready(node)
 
 
 def _unit_active(subject: Target, snapshot: Snapshot) -> bool | None:

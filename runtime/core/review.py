@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Literal
 
 from bus.messages import Target
-from runtime.core.detecting import JSON
+from runtime.core.detecting import JSON, is_ready
 from runtime.model.catalog import REPAIR_ANNOTATION
 from runtime.model.formats import Safety
 from runtime.model.snapshot import NO_RESOURCES, ApiProbe, LeaseObs, NodeObs, PodObs, Resources
@@ -163,11 +163,6 @@ class Check:
                 "reason": self.reason, **self.numbers}
 
 
-def _ready(node: NodeObs) -> bool:
-    condition = node.condition("Ready")
-    return condition is not None and condition.status == "True"
-
-
 def is_control_plane(node: NodeObs) -> bool:
     return any(label in node.labels for label in CONTROL_PLANE_LABELS)
 
@@ -199,6 +194,16 @@ def disrupted_by_us(nodes: Iterable[NodeObs], leases: Iterable[LeaseObs]) -> set
 Rule = Callable[[Facts], Check]
 
 
+def _others_disrupted(name: CheckName, facts: Facts) -> set[str] | Check:
+    """The other nodes we disrupt now, or the block for not knowing them: what the
+    one-at-a-time, zone and budget checks all count."""
+    if facts.leases is None:
+        return _unknown(name, "repair leases", facts, cluster=False)
+    if facts.nodes is None:
+        return _unknown(name, "nodes", facts)
+    return disrupted_by_us(facts.nodes, facts.leases) - {facts.disruption.node}
+
+
 def _unknown(name: CheckName, what: str, facts: Facts, *, cluster: bool = True) -> Check:
     """A block for want of ``what``; moot (a pass) for a repair of the API server when
     ``what`` is part of the cluster view it would restore."""
@@ -216,7 +221,7 @@ def last_control_plane(facts: Facts) -> Check:
     if target is None or not is_control_plane(target):
         return Check(name, True, f"{node} is not a control-plane node", {})
     others = [n for n in facts.nodes if is_control_plane(n) and n.name != node]
-    ready = [n.name for n in others if _ready(n)]
+    ready = [n.name for n in others if is_ready(n)]
     numbers: dict[str, JSON] = {"control_plane_nodes": len(others) + 1,
                                 "other_ready": len(ready)}
     if not ready:
@@ -227,15 +232,15 @@ def last_control_plane(facts: Facts) -> Check:
 
 def one_control_plane_at_a_time(facts: Facts) -> Check:
     name: CheckName = "one-control-plane-at-a-time"
-    if facts.leases is None:
-        return _unknown(name, "repair leases", facts, cluster=False)
-    if facts.nodes is None:
-        return _unknown(name, "nodes", facts)
+    others = _others_disrupted(name, facts)
+    if isinstance(others, Check):
+        return others
+    assert facts.nodes is not None
     node = facts.disruption.node
     control = {n.name for n in facts.nodes if is_control_plane(n)}
     if node not in control:
         return Check(name, True, f"{node} is not a control-plane node", {})
-    busy = (disrupted_by_us(facts.nodes, facts.leases) & control) - {node}
+    busy = others & control
     if busy:
         return Check(name, False, f"control-plane node(s) {', '.join(sorted(busy))} already "
                                   f"under repair", {"under_repair": _names(busy)})
@@ -268,7 +273,7 @@ def etcd_quorum(facts: Facts) -> Check:
 
     def healthy(member: str) -> bool:
         seen, pod = by_name.get(member), members[member]
-        return seen is not None and _ready(seen) and (pod is None or _running_ready(pod))
+        return seen is not None and is_ready(seen) and (pod is None or _running_ready(pod))
 
     if not healthy(node):
         return Check(name, True, f"the etcd member on {node} is not healthy already: "
@@ -329,7 +334,7 @@ def capacity(facts: Facts) -> Check:
             used[pod.node] = used.get(pod.node, NO_RESOURCES) + pod.requests
     rooms: list[Resources] = []
     for other in facts.nodes:
-        if other.name == node or not _ready(other) or other.unschedulable:
+        if other.name == node or not is_ready(other) or other.unschedulable:
             continue
         if other.allocatable is None:
             continue  # a node that reports no allocatable offers no room we can count
@@ -359,16 +364,16 @@ def capacity(facts: Facts) -> Check:
 
 def failure_domain(facts: Facts) -> Check:
     name: CheckName = "failure-domain"
-    if facts.leases is None:
-        return _unknown(name, "repair leases", facts, cluster=False)
-    if facts.nodes is None:
-        return _unknown(name, "nodes", facts)
+    others = _others_disrupted(name, facts)
+    if isinstance(others, Check):
+        return others
+    assert facts.nodes is not None
     node = facts.disruption.node
     zones = {n.name: n.labels.get(ZONE_LABEL) for n in facts.nodes}
     zone = zones.get(node)
     if not zone:
         return Check(name, True, f"{node} has no {ZONE_LABEL} label", {})
-    busy = {n for n in disrupted_by_us(facts.nodes, facts.leases) - {node} if zones.get(n) == zone}
+    busy = {n for n in others if zones.get(n) == zone}
     numbers: dict[str, JSON] = {"zone": zone, "under_repair_in_zone": _names(busy)}
     if busy:
         return Check(name, False, f"zone {zone} already has {', '.join(sorted(busy))} under "
@@ -378,12 +383,10 @@ def failure_domain(facts: Facts) -> Check:
 
 def disruption_budget(facts: Facts) -> Check:
     name: CheckName = "disruption-budget"
-    if facts.leases is None:
-        return _unknown(name, "repair leases", facts, cluster=False)
-    if facts.nodes is None:
-        return _unknown(name, "nodes", facts)
+    others = _others_disrupted(name, facts)
+    if isinstance(others, Check):
+        return others
     node, budget = facts.disruption.node, facts.safety.disruptionBudget
-    others = disrupted_by_us(facts.nodes, facts.leases) - {node}
     numbers: dict[str, JSON] = {"disrupted": _names(others), "budget": budget}
     if len(others) + 1 > budget:
         return Check(name, False, f"{facts.disruption.how} of {node} would make "
