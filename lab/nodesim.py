@@ -343,8 +343,11 @@ class NodeSimulator:
     """
 
     def __init__(self, kubeconfig: Path, *, heartbeat: float = 1.0, status_every: float = 30.0,
-                 crash_every: float = 2.0, workers: int = 8) -> None:
+                 crash_every: float = 2.0, start_delay: float = 0.0, workers: int = 8) -> None:
         self.heartbeat = heartbeat
+        # How long a kubelet takes to start a pod bound to it (image pulls, probes): a test
+        # that needs replacements to be slow to turn Ready sets it.
+        self.start_delay = start_delay
         self.status_every = status_every
         self.crash_every = crash_every
         self._api = JsonApi(kubeconfig, pool_size=workers + 4)
@@ -365,6 +368,7 @@ class NodeSimulator:
         self._issued: dict[tuple[str, str], float] = {}  # (uid, action) -> when asked
         self._status_posted: dict[str, float] = {}
         self._started: dict[str, tuple[str, str]] = {}  # uid -> (pod IP, start time)
+        self._arrived: dict[str, float] = {}  # uid -> when its kubelet first saw it, unstarted
         self._node_ips = itertools.count(int(FIRST_NODE_IP))
         self._pod_ips = itertools.count(int(FIRST_POD_IP))
         self._node_counter = itertools.count()
@@ -572,6 +576,7 @@ class NodeSimulator:
         self._unbound.pop(uid, None)
         self._unsettled.discard(uid)
         self._started.pop(uid, None)
+        self._arrived.pop(uid, None)
         if pod is not None:
             key = (pod.namespace, pod.name)
             if self._by_key.get(key) == uid:
@@ -600,6 +605,9 @@ class NodeSimulator:
             elif (pod.namespace, pod.name) in self._crashing:
                 return  # the ticker reports each crash
             elif not pod.running:
+                if not self._due(self._arrived.setdefault(pod.uid, time.monotonic()),
+                                 self.start_delay):
+                    return  # the resync starts it once the delay is over
                 action = "start"
             elif not pod.ready:
                 # The node-lifecycle controller marks the pods of a node it thinks dead

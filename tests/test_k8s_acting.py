@@ -881,6 +881,9 @@ async def test_drain_evicts_one_at_a_time_under_a_budget_and_skips_daemonset_pod
             policy.read_namespaced_pod_disruption_budget("web", k8s_namespace),
         ).get("status", {}).get("disruptionsAllowed") == 1)
     node_sim.add_nodes(2)  # room for the replacements
+    # Replacements slow to turn Ready: the budget then certainly refuses the next eviction
+    # (a replacement Ready at once could let the drain through without one 429).
+    node_sim.start_delay = 3.0
     drain = Drain(admin, persona="otto", user="zeta-admin")
     with capture_logs() as logs, ReadyCounter(core, k8s_namespace, "web") as counter:
         outcome = await run(drain, intent("k8s.node.drain", node(target), drain_params(120)),
