@@ -6,9 +6,9 @@ shows, so they are spelled for people reading JSON, not for Python.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from bus.subjects import PERSONA_NAME
 
@@ -52,6 +52,26 @@ class Target(Wire):
         return f"{self.kind}.{scope}/{self.name}" if scope else f"{self.kind}.{self.name}"
 
 
+EvidencePath = Literal["apiserver", "host", "network", "peer"]
+"""How a vote saw what it vouches for (docs/safety.md#independent-evidence): its own watch
+of the API server; the target host's own agent, in its signed heartbeat; its own probe
+of the target over the network; the presence of the target host's agents on the bus."""
+EVIDENCE_PATHS: tuple[EvidencePath, ...] = get_args(EvidencePath)
+
+
+class NodeReport(Wire):
+    """What an agent on a Kubernetes node says of its own kubelet, in its heartbeat: the
+    ``host`` evidence path for votes on that node."""
+
+    node: Short = Field(min_length=1, description="The Node this host runs ($ZETA_NODE_NAME, "
+                                                  "else the host name).")
+    observed_at: Time
+    units: dict[Short, Short] = Field(
+        default_factory=dict, max_length=8,
+        description="systemd unit -> 'active/running', 'failed/failed', 'not-found', …")
+    healthz: Short = Field(description="The kubelet's own healthz answer: 'ok', or why not.")
+
+
 class Heartbeat(Wire):
     pid: int = Field(ge=0)
     version: Short
@@ -62,6 +82,8 @@ class Heartbeat(Wire):
     frozen: bool = False
     scopes_digest: Short
     policies_digest: Short
+    node: NodeReport | None = Field(
+        default=None, description="Present on an agent whose host runs a kubelet.")
 
 
 class Finding(Wire):
@@ -73,10 +95,40 @@ class Finding(Wire):
     evidence: dict[str, Any] = Field(default_factory=dict)
 
 
+class EvidenceRule(Wire):
+    """How independent the approvals must be: the evidence paths they name between
+    them (the proposer's included) must be ``distinct`` many and include ``requires``."""
+
+    distinct: int = Field(default=1, ge=1, le=len(EVIDENCE_PATHS))
+    requires: tuple[EvidencePath, ...] = Field(default=(), max_length=len(EVIDENCE_PATHS))
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Self:
+        if len(set(self.requires)) != len(self.requires):
+            raise ValueError("requires names a path twice")
+        if len(self.requires) > self.distinct:
+            raise ValueError(f"distinct {self.distinct} is fewer than the "
+                             f"{len(self.requires)} paths it requires")
+        return self
+
+    @property
+    def needed(self) -> bool:
+        return self.distinct > 1 or bool(self.requires)
+
+    def short(self) -> str:
+        """``2 distinct paths incl. host``."""
+        also = f" incl. {', '.join(self.requires)}" if self.requires else ""
+        return f"{self.distinct} distinct path{'s' if self.distinct > 1 else ''}{also}"
+
+
+NO_EVIDENCE_RULE = EvidenceRule()
+
+
 class QuorumRule(Wire):
     approvals: int = Field(ge=1, le=32)
     veto: tuple[Name, ...] = Field(default=(), max_length=32)
     deadline: Time
+    evidence: EvidenceRule = NO_EVIDENCE_RULE
 
 
 class Required(Wire):
@@ -92,6 +144,10 @@ class Required(Wire):
     deadline: float = Field(gt=0, description="The longest deadline allowed, in seconds "
                                                 "after the proposal was sent.")
     destructive: bool
+    evidence: EvidenceRule = NO_EVIDENCE_RULE
+
+
+Paths = Annotated[tuple[EvidencePath, ...], Field(max_length=len(EVIDENCE_PATHS))]
 
 
 class Proposal(Wire):
@@ -106,6 +162,7 @@ class Proposal(Wire):
     summary: Text
     evidence: dict[str, Any] = Field(default_factory=dict)
     rationale: Text = ""
+    paths: Paths = Field(default=(), description="The evidence paths the proposer saw it by.")
 
 
 Verdict = Literal["approve", "reject", "block"]
@@ -117,6 +174,8 @@ class Vote(Wire):
     evidence: dict[str, Any] = Field(default_factory=dict)
     observed_at: Time
     policy_digest: Short
+    paths: Paths = Field(default=(), description="The evidence paths that confirmed what an "
+                                                 "approval vouches for.")
     required: Required | None = Field(
         default=None, description="The quorum the voter's copy of the policy demands "
                                   "(absent when it has no such policy or step).")

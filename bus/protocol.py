@@ -21,7 +21,17 @@ from bus import ids, subjects
 from bus.connection import BusUnavailableError, Connection, subject_for
 from bus.envelope import Accepted, Dropped, Envelope, Verifier, seal
 from bus.keys import Signer
-from bus.messages import TEXT_MAX, Control, Decision, Kind, Proposal, Required, Verdict, Vote
+from bus.messages import (
+    TEXT_MAX,
+    Control,
+    Decision,
+    EvidencePath,
+    Kind,
+    Proposal,
+    Required,
+    Verdict,
+    Vote,
+)
 from bus.quorum import Ballot, Rule, Tally, tally
 
 log = structlog.get_logger("bus.protocol")
@@ -44,6 +54,7 @@ class Judgement:
     evidence: dict[str, object] = field(default_factory=dict)
     rationale: str = ""
     required: Required | None = None  # what the voter's copy of the policy demands
+    paths: tuple[EvidencePath, ...] = ()  # how an approval saw what it vouches for
 
 
 Assess = Callable[[Envelope, Proposal], Awaitable[Judgement]]
@@ -134,8 +145,7 @@ class Protocol:
     async def propose(self, body: Proposal) -> tuple[str, Tally]:
         """Publish a proposal, gather votes until it is decided, publish the decision."""
         repair = ids.new_id()
-        rule = Rule(self.persona, body.quorum.approvals, frozenset(body.quorum.veto),
-                    body.quorum.deadline)
+        rule = Rule.of(self.persona, body.quorum, body.paths)
         pending = self._open[repair] = _Open(rule)
         try:
             await self.send("proposal", body, repair=repair)
@@ -176,7 +186,7 @@ class Protocol:
         vote = accepted.body
         assert isinstance(vote, Vote)
         env = accepted.envelope
-        pending.ballots.append(Ballot(env.id, env.sender, vote.verdict, env.at))
+        pending.ballots.append(Ballot.of(env.id, env.sender, env.at, vote))
         log.info("vote counted", repair=repair, voter=env.sender, verdict=vote.verdict,
                  reason=vote.reason)
         pending.changed.set()
@@ -224,7 +234,8 @@ class Protocol:
         body = Vote(verdict=judgement.verdict, reason=judgement.reason[:TEXT_MAX],
                     evidence=dict(judgement.evidence), observed_at=datetime.now(UTC),
                     policy_digest=proposal.policy_digest, rationale=judgement.rationale,
-                    required=judgement.required)
+                    required=judgement.required,
+                    paths=judgement.paths if judgement.verdict == "approve" else ())
         try:
             await self.send("vote", body, repair=repair)
         except BusUnavailableError as exc:
@@ -233,7 +244,8 @@ class Protocol:
             log.warning("vote not published", repair=repair, verdict=judgement.verdict,
                         error=str(exc))
             return
-        log.info("voted", repair=repair, verdict=judgement.verdict, reason=judgement.reason)
+        log.info("voted", repair=repair, verdict=judgement.verdict, reason=judgement.reason,
+                 paths=list(body.paths))
 
     # ------------------------------------------------------------ operator
 

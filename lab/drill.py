@@ -343,7 +343,7 @@ class Lab:
     async def _populate(self, plane: ControlPlane) -> None:
         async with self._phase("registering 3 control-plane and 6 worker nodes, and the "
                                "workloads"):
-            self.sim = NodeSimulator(plane.admin_kubeconfig)
+            self.sim = NodeSimulator(plane.admin_kubeconfig, kubelet_ports=True)
             await self._blocking(self.sim.start)
             sim = self.sim
             await self._blocking(lambda: sim.add_nodes(

@@ -16,6 +16,10 @@ does, through the API only, what the kubelets and the scheduler of a cluster wou
   deleted with grace 0). A node whose heartbeats are stopped has a dead kubelet:
   its pods are not started, not deleted, and stay as they are until it resumes.
 
+With ``kubelet_ports``, each node's InternalIP is 127.0.0.1 and its kubelet port
+(``daemonEndpoints``) a real listening port there, open while its kubelet lives: the
+agents' network evidence path probes it.
+
 Failure injection: ``stop_heartbeats(node)`` / ``resume_heartbeats(node)`` and
 ``crashloop(namespace, pod)`` (restartCount rises every ``crash_every`` seconds, the
 containers wait in ``CrashLoopBackOff`` and the pod is not ready).
@@ -32,6 +36,8 @@ import contextlib
 import ipaddress
 import itertools
 import json
+import selectors
+import socket
 import threading
 import time
 import uuid
@@ -157,6 +163,7 @@ class _Node:
     labels: dict[str, str]
     ip: str
     alive: bool = True  # the kubelet runs: heartbeats, starts and deletes pods
+    port: int = 10250  # its kubelet's (listening only with kubelet_ports)
     ready: bool = False  # as the API says, through the watch (the controller may disagree)
     unschedulable: bool = False
     taints: list[Obj] = field(default_factory=list)
@@ -255,8 +262,8 @@ def node_labels(name: str, extra: Mapping[str, str] | None = None) -> dict[str, 
             SIMULATED_LABEL: "true", **(extra or {})}
 
 
-def register_node(api: JsonApi, name: str, labels: Mapping[str, str], ip: str,
-                  taints: Sequence[Mapping[str, Any]] = ()) -> None:
+def register_node(api: JsonApi, name: str, labels: Mapping[str, str], ip: str, *,
+                  taints: Sequence[Mapping[str, Any]] = (), kubelet_port: int = 10250) -> None:
     """Create a Node as its kubelet registers it (Ready, no pressure, room for 110 pods)
     and its Lease in ``kube-node-lease``, renewed now."""
     now = _now()
@@ -270,6 +277,7 @@ def register_node(api: JsonApi, name: str, labels: Mapping[str, str], ip: str,
             "conditions": _node_conditions(now, transition=now, ready=True),
             "addresses": [{"type": "InternalIP", "address": ip},
                           {"type": "Hostname", "address": name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
             "nodeInfo": {"kubeletVersion": KUBELET_VERSION, "operatingSystem": "linux",
                          "architecture": "amd64", "containerRuntimeVersion": "simulated://1",
                          "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "",
@@ -333,6 +341,59 @@ def running_status(containers: Iterable[tuple[str, str]], *, host_ip: str, pod_i
 # ---------------------------------------------------------------- the simulator
 
 
+class KubeletPorts:
+    """A listening port per simulated kubelet on 127.0.0.1, each connection accepted and
+    closed at once: a probe of a node's kubelet port connects while it is open and is
+    refused once it is closed. A node keeps its port number across a close and reopen
+    (its Node object names it)."""
+
+    HOST = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._open: dict[str, socket.socket] = {}
+        self._numbers: dict[str, int] = {}
+        self._stopping = threading.Event()
+
+    def open(self, name: str) -> int:
+        """Listen for ``name`` (on its earlier port, if it had one); the port."""
+        with self._lock:
+            if name in self._open:
+                return self._numbers[name]
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.HOST, self._numbers.get(name, 0)))
+            listener.listen(64)
+            listener.setblocking(False)
+            self._open[name] = listener
+            self._numbers[name] = listener.getsockname()[1]
+            self._selector.register(listener, selectors.EVENT_READ)
+            return self._numbers[name]
+
+    def close(self, name: str) -> None:
+        with self._lock:
+            listener = self._open.pop(name, None)
+            if listener is not None:
+                self._selector.unregister(listener)
+                listener.close()
+
+    def serve(self) -> None:
+        """Accept and close, until ``stop``."""
+        while not self._stopping.is_set():
+            for key, _ in self._selector.select(timeout=0.2):
+                listener = key.fileobj
+                assert isinstance(listener, socket.socket)
+                with contextlib.suppress(OSError):  # closed meanwhile, or the client gave up
+                    connection, _ = listener.accept()
+                    connection.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for name in list(self._open):
+            self.close(name)
+
+
 class NodeSimulator:
     """Kubelets and a scheduler for the nodes it registers (see the module docstring).
 
@@ -343,7 +404,8 @@ class NodeSimulator:
     """
 
     def __init__(self, kubeconfig: Path, *, heartbeat: float = 1.0, status_every: float = 30.0,
-                 crash_every: float = 2.0, start_delay: float = 0.0, workers: int = 8) -> None:
+                 crash_every: float = 2.0, start_delay: float = 0.0, workers: int = 8,
+                 kubelet_ports: bool = False) -> None:
         self.heartbeat = heartbeat
         # How long a kubelet takes to start a pod bound to it (image pulls, probes): a test
         # that needs replacements to be slow to turn Ready sets it.
@@ -372,6 +434,7 @@ class NodeSimulator:
         self._node_ips = itertools.count(int(FIRST_NODE_IP))
         self._pod_ips = itertools.count(int(FIRST_POD_IP))
         self._node_counter = itertools.count()
+        self._ports = KubeletPorts() if kubelet_ports else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -382,11 +445,15 @@ class NodeSimulator:
         self._spawn("nodesim-nodes", lambda: self._watch(
             "/api/v1/nodes", self._on_node, self._relist_nodes))
         self._spawn("nodesim-ticker", self._tick)
+        if self._ports is not None:
+            self._spawn("nodesim-kubelet-ports", self._ports.serve)
         return self
 
     def stop(self, *, remove_nodes: bool = False) -> None:
         """Stop every thread (watches are cut, not waited out); optionally remove the nodes."""
         self._stopping.set()
+        if self._ports is not None:
+            self._ports.stop()
         with self._lock:
             streams = list(self._streams)
         for stream in streams:
@@ -440,9 +507,12 @@ class NodeSimulator:
         created = []
         for _ in range(count):
             name = f"{prefix}-{next(self._node_counter)}"
-            created.append(_Node(name, node_labels(name, labels),
-                                 str(ipaddress.IPv4Address(next(self._node_ips))),
-                                 taints=[dict(t) for t in taints]))
+            node = _Node(name, node_labels(name, labels),
+                         str(ipaddress.IPv4Address(next(self._node_ips))),
+                         taints=[dict(t) for t in taints])
+            if self._ports is not None:
+                node.ip, node.port = KubeletPorts.HOST, self._ports.open(name)
+            created.append(node)
         with self._lock:
             # Known before they exist: the watch is the only source of their API state.
             self._nodes.update((node.name, node) for node in created)
@@ -470,14 +540,19 @@ class NodeSimulator:
                                    f"{timeout:g}s: {', '.join(waiting[:5])}")
 
     def _register(self, node: _Node) -> None:
-        register_node(self._api, node.name, node.labels, node.ip, node.taints)
+        register_node(self._api, node.name, node.labels, node.ip, taints=node.taints,
+                      kubelet_port=node.port)
         self._status_posted[node.name] = time.monotonic()
 
-    def stop_heartbeats(self, node: str) -> None:
-        """The node's kubelet dies: no Lease renewals, no status, no pod starts or deletions."""
+    def stop_heartbeats(self, node: str, *, port_open: bool = False) -> None:
+        """The node's kubelet dies: no Lease renewals, no status, no pod starts or
+        deletions, and its port refuses. ``port_open``: it lives on but cannot reach the
+        API server (a partition), so its port still answers."""
         with self._lock:
             self._nodes[node].alive = False
             self._candidates = None
+        if self._ports is not None and not port_open:
+            self._ports.close(node)
 
     def stop_heartbeats_together(self, nodes: Sequence[str]) -> None:
         """Several kubelets die at the same moment: each renews its Lease and posts its
@@ -491,6 +566,8 @@ class NodeSimulator:
 
     def resume_heartbeats(self, node: str) -> None:
         """The kubelet is back: it posts Ready at once and catches up on its pods."""
+        if self._ports is not None:
+            self._ports.open(node)
         with self._lock:
             self._nodes[node].alive = True
             self._candidates = None

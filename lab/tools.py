@@ -40,6 +40,7 @@ from bus.messages import (
     BODIES,
     Control,
     Decision,
+    EvidenceRule,
     Finding,
     Heartbeat,
     Kind,
@@ -249,6 +250,7 @@ def story(signers: Mapping[str, Signer], *, start: datetime, host: str = "cp-1",
         return envelope
 
     policy_digest = _digest("policy node-not-ready")
+    two_paths = EvidenceRule(distinct=2)
     say("heartbeat", "otto", 0, Heartbeat(
         pid=4242, version="0.1.0", tick=12, status="ok: 1 finding open", bus="connected",
         kubernetes="observed", scopes_digest=_digest("otto scopes"),
@@ -261,26 +263,32 @@ def story(signers: Mapping[str, Signer], *, start: datetime, host: str = "cp-1",
     say("proposal", "otto", 1, Proposal(
         action="k8s.node.cordon", target=target, policy="node-not-ready",
         policy_digest=policy_digest, step=0, destructive=True,
-        quorum=QuorumRule(approvals=3, veto=("riven",), deadline=deadline),
+        quorum=QuorumRule(approvals=3, veto=("riven",), deadline=deadline, evidence=two_paths),
         summary="node worker-1 Ready=Unknown for 3m",
         evidence={"since": "2026-11-27T05:57:00Z", "reason": "NodeStatusUnknown"},
-        rationale="not Ready for 3m, longer than the policy's 2m"))
+        rationale="not Ready for 3m, longer than the policy's 2m", paths=("apiserver",)))
     # What the voters' own copy of the policy demands, recorded in each vote.
-    required = Required(approvals=3, veto=("riven",), deadline=30, destructive=True)
+    required = Required(approvals=3, veto=("riven",), deadline=30, destructive=True,
+                        evidence=two_paths)
+    unheard = {"host": "no agent heard from on worker-1"}
     votes = [
         say("vote", "alexa", 1.4, Vote(
-            verdict="approve", reason="confirmed from cp-2: kubelet on worker-1 not answering",
-            evidence={"host": "cp-2", "kubelet_healthz": "connection refused"},
+            verdict="approve", reason="confirmed from cp-2: node worker-1 Ready=Unknown for 3m",
+            evidence={"host": "cp-2", "held_for_s": 180.0, "paths": {
+                "network": "kubelet port 10.0.0.21:10250: Connection refused"},
+                "unconfirmed": unheard},
             observed_at=start + timedelta(seconds=1.3), policy_digest=policy_digest,
-            required=required)),
+            required=required, paths=("apiserver", "network"))),
         say("vote", "riven", 1.6, Vote(
             verdict="approve", reason="confirmed from cp-3: node worker-1 Ready=Unknown for 3m",
-            evidence={"host": "cp-3", "checks": _example_review(target, start)},
-            observed_at=start + timedelta(seconds=1.5),
-            policy_digest=policy_digest, required=required)),
+            evidence={"host": "cp-3", "held_for_s": 180.0, "paths": {
+                "network": "kubelet port 10.0.0.21:10250: Connection refused"},
+                "unconfirmed": unheard, "checks": _example_review(target, start)},
+            observed_at=start + timedelta(seconds=1.5), policy_digest=policy_digest,
+            required=required, paths=("apiserver", "network"))),
     ]
-    rule = Rule("otto", 3, frozenset({"riven"}), deadline)
-    decided = tally(rule, [Ballot(v.id, v.sender, Vote.model_validate(v.body).verdict, v.at)
+    rule = Rule("otto", 3, frozenset({"riven"}), deadline, two_paths, frozenset({"apiserver"}))
+    decided = tally(rule, [Ballot.of(v.id, v.sender, v.at, Vote.model_validate(v.body))
                            for v in votes], voters, start + timedelta(seconds=1.7))
     outcome = decided.outcome
     if outcome == "pending":

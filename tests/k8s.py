@@ -104,7 +104,7 @@ def k8s_namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -
 def node_sim(control_plane: ControlPlane) -> Iterator[NodeSimulator]:
     """A running node simulator with no nodes yet (``add_nodes``); afterwards its nodes,
     their Leases and the pods bound to them are gone."""
-    with NodeSimulator(control_plane.admin_kubeconfig) as sim:
+    with NodeSimulator(control_plane.admin_kubeconfig, kubelet_ports=True) as sim:
         yield sim
 
 

@@ -520,7 +520,8 @@ class Greedy:
 async def test_observers_fill_disjoint_domains_and_failures_stay_unobserved() -> None:
     observing = Observing([UnitsObserver([unit("kubelet.service")]), Hanging(), Raising()],
                           timeout=0, host="cp-1")
-    assert observing.unobserved == ("nodes", "pods", "apiserver", "health", "events")
+    assert observing.unobserved == ("nodes", "pods", "apiserver", "health", "events",
+                                    "node_report")
     with capture_logs() as logs:
         snapshot = await observing.snapshot(T0)
     assert snapshot.units == (unit("kubelet.service"),)
@@ -550,9 +551,12 @@ def test_the_units_watched_are_those_the_policies_name() -> None:
     otto = config.persona("otto")
     assert watched_units(config.policies_of(otto)) == (
         "containerd.service", "k3s.service", "kubelet.service")
-    names = [o.name for o in host_observers(config.policies_of(otto), config.fleet, REPO)]
-    assert names == ["health", "units", "apiserver"]
-    assert [o.name for o in host_observers((), config.fleet, REPO)] == ["health", "apiserver"]
+    names = [o.name for o in host_observers(config.policies_of(otto), config.fleet, REPO,
+                                            node="cp-1", explicit_node=False)]
+    assert names == ["health", "kubelet", "units", "apiserver"]
+    assert [o.name for o in host_observers((), config.fleet, REPO, node="cp-1",
+                                           explicit_node=False)] == [
+        "health", "kubelet", "apiserver"]
 
 
 SHOW = """\

@@ -577,9 +577,11 @@ def test_a_kubernetes_client_alone_brings_the_apiserver_observer(tmp_path: Path)
     config = load([REPO / "personas", REPO / "policies"])
     fleet = config.fleet.model_copy(update={
         "spec": config.fleet.spec.model_copy(update={"apiservers": ()})})
-    assert [o.name for o in host_observers((), fleet, tmp_path)] == ["health"]
-    observers = host_observers((), fleet, tmp_path, clients=[Cluster().observer])
-    assert [o.name for o in observers] == ["health", "apiserver"]
+    assert [o.name for o in host_observers((), fleet, tmp_path, node="n",
+                                           explicit_node=False)] == ["health", "kubelet"]
+    observers = host_observers((), fleet, tmp_path, node="n", explicit_node=False,
+                               clients=[Cluster().observer])
+    assert [o.name for o in observers] == ["health", "kubelet", "apiserver"]
 
 
 # ---------------------------------------------------------------- the agent's wiring

@@ -24,6 +24,7 @@ SHIPPED = (REPO / "personas", REPO / "policies")
 
 OTTO_NKEY = "UAVU6MCTMJRPGFHMLWUVPDZUTOSFEKL2NRLLKZEVG574EVSST2TEX66Q"
 VERA_NKEY = "UA2H7B4VOCFLX5CJOB7JCIY4NDJ3UGZPFVKWAZVY2AHSUHS5XC6EJPKV"
+CORDON_QUORUM = "quorum: {approvals: 3, veto: [riven], deadline: 30s, evidence: {distinct: 2}}"
 
 
 @pytest.fixture
@@ -148,10 +149,20 @@ BREAKAGES = {
         (Expect("for:", "spec.detect.for",
                 "expected a duration like 500ms, 15s, 2m, 1h30m or 1d, got '2 minutes'"),)),
     "quorum looser than floor": Breakage(
-        "policies/node-not-ready.yaml", "quorum: {approvals: 3, veto: [riven], deadline: 30s}",
+        "policies/node-not-ready.yaml", CORDON_QUORUM,
         "quorum: {approvals: 1, veto: [riven], deadline: 30s}",
         (Expect("quorum: {approvals: 1", "spec.remedies[0].quorum",
                 "approvals 1 is looser than the floor of k8s.node.cordon (2)"),)),
+    "evidence paths fewer than required": Breakage(
+        "policies/node-not-ready.yaml", "deadline: 30s, evidence: {distinct: 2}}",
+        "deadline: 30s, evidence: {distinct: 1, requires: [host, network]}}",
+        (Expect(CORDON_QUORUM[:52], "spec.remedies[0].quorum.evidence",
+                "distinct 1 is fewer than the 2 paths it requires"),)),
+    "unknown evidence path": Breakage(
+        "policies/node-not-ready.yaml", "deadline: 30s, evidence: {distinct: 2}}",
+        "deadline: 30s, evidence: {distinct: 2, requires: [kubelet]}}",
+        (Expect(CORDON_QUORUM[:52], "spec.remedies[0].quorum.evidence.requires[0]",
+                "Input should be 'apiserver', 'host', 'network' or 'peer'"),)),
     "destructive marked non-destructive": Breakage(
         "policies/node-not-ready.yaml", "- action: k8s.node.cordon\n",
         "- action: k8s.node.cordon\n      destructive: false\n",
@@ -317,8 +328,7 @@ def break_three_files(config_dir: Path) -> list[tuple[str, int, str]]:
     edit(otto, "tick: 15s", "tick: 15")
     policy = config_dir / "policies" / "node-not-ready.yaml"
     edit(policy, "kind: node-condition", "kind: node-conditon")
-    edit(policy, "quorum: {approvals: 3, veto: [riven], deadline: 30s}",
-         "quorum: {approvals: 1, veto: [riven], deadline: 30s}")
+    edit(policy, CORDON_QUORUM, "quorum: {approvals: 1, veto: [riven], deadline: 30s}")
     syntax = config_dir / "policies" / "stale-lease.yaml"
     edit(syntax, "grace: 30s", "grace: {30s")
     return sorted([

@@ -6,6 +6,7 @@ node-lifecycle controller's verdict), never the simulator's own bookkeeping.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from lab.controlplane import ControlPlane
 from lab.nodesim import (
     LEASE_NAMESPACE,
     JsonApi,
+    KubeletPorts,
     NodeSimulator,
     _Node,
     fits,
@@ -139,6 +141,52 @@ def test_nodes_are_registered_ready_with_renewed_leases(
         first = lease["spec"]["renewTime"]
         wait_for(lambda: api.call("GET", lease_path + workers[0])["spec"]["renewTime"] != first,
                  5 * node_sim.heartbeat, "the lease to be renewed")
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection((KubeletPorts.HOST, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_kubelet_ports_answer_while_open_and_refuse_once_closed() -> None:
+    ports = KubeletPorts()
+    server = threading.Thread(target=ports.serve)
+    server.start()
+    try:
+        port = ports.open("w1")
+        assert ports.open("w1") == port  # already open: the same one
+        for _ in range(200):  # more than its backlog: each connection is accepted and closed
+            assert _connects(port)
+        ports.close("w1")
+        assert not _connects(port)
+        assert ports.open("w1") == port  # the Node object names it: it comes back the same
+        assert _connects(port)
+    finally:
+        ports.stop()
+        server.join()
+    assert not _connects(port)
+
+
+@pytest.mark.slow
+def test_a_node_reports_its_kubelet_port_which_dies_with_its_kubelet(
+        control_plane: ControlPlane, node_sim: NodeSimulator) -> None:
+    [dead, cut_off] = node_sim.add_nodes(2)
+    with admin_json(control_plane) as api:
+        ports = {}
+        for name in (dead, cut_off):
+            status = api.call("GET", f"/api/v1/nodes/{name}")["status"]
+            assert {"type": "InternalIP", "address": KubeletPorts.HOST} in status["addresses"]
+            ports[name] = status["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+            assert _connects(ports[name])
+    node_sim.stop_heartbeats(dead)
+    node_sim.stop_heartbeats(cut_off, port_open=True)  # alive, but cannot reach the API
+    assert not _connects(ports[dead])
+    assert _connects(ports[cut_off])
+    node_sim.resume_heartbeats(dead)
+    assert _connects(ports[dead])
 
 
 @pytest.mark.slow

@@ -51,13 +51,15 @@ def test_every_message_gets_one_line_saying_what_it_says() -> None:
         "06:00:00 otto finding opened: node-not-ready on node.worker-1: node worker-1 "
         "Ready=Unknown for 3m",
         f"06:00:01 {REPAIR} otto proposes k8s.node.cordon on node.worker-1 (node-not-ready "
-        "step 0, destructive; 3 approvals, veto riven by 06:00:31): node worker-1 "
-        "Ready=Unknown for 3m",
-        f"06:00:01 {REPAIR} alexa votes approve: confirmed from cp-2: kubelet on worker-1 "
-        "not answering  [pending: 2/3 approvals so far]",
+        "step 0, destructive; 3 approvals, veto riven, 2 distinct paths by 06:00:31): node "
+        "worker-1 Ready=Unknown for 3m [seen by apiserver]",
+        f"06:00:01 {REPAIR} alexa votes approve: confirmed from cp-2: node worker-1 "
+        "Ready=Unknown for 3m [seen by apiserver, network]  [pending: 2/3 approvals so far]",
         f"06:00:01 {REPAIR} riven votes approve: confirmed from cp-3: node worker-1 "
-        "Ready=Unknown for 3m (8/8 review checks pass)  [approved: 3/3 approvals, no veto]",
-        f"06:00:01 {REPAIR} otto decided APPROVED: 3/3 approvals, no veto "
+        "Ready=Unknown for 3m (8/8 review checks pass) [seen by apiserver, network]  "
+        "[approved: 3/3 approvals, no veto, evidence by apiserver, network]",
+        f"06:00:01 {REPAIR} otto decided APPROVED: 3/3 approvals, no veto, evidence by "
+        "apiserver, network "
         "(approvals: otto, alexa, riven)",
         f"06:00:01 {REPAIR} otto started: lease node.worker-1, fencing token 7",
         f"06:00:02 {REPAIR} otto result succeeded: k8s.node.cordon on node.worker-1: "

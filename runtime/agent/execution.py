@@ -25,7 +25,7 @@ import structlog
 
 from bus import leases
 from bus.ids import new_id
-from bus.messages import Proposal, QuorumRule
+from bus.messages import EvidencePath, Proposal, QuorumRule
 from runtime.agent.acting import DryRunOnly, run_actuator
 from runtime.agent.link import BUS_ERRORS, BusLink
 from runtime.agent.metrics import Metrics
@@ -33,6 +33,7 @@ from runtime.agent.observing import Observing
 from runtime.core.authorizing import authorize
 from runtime.core.detecting import detect
 from runtime.core.engine import Event, Intent, PolicyEngine, RepairVerified, StepFailed
+from runtime.core.evidence import PRIMARY
 from runtime.core.ports import Actuator, Actuators, NoActuatorError, Outcome, Wall
 from runtime.model.catalog import COMPENSATIONS
 from runtime.model.formats import Persona
@@ -189,9 +190,15 @@ class Execution:
             policy_digest=intent.policy_digest, step=intent.step,
             destructive=intent.destructive,
             quorum=QuorumRule(approvals=intent.quorum.approvals, veto=intent.quorum.veto,
-                              deadline=self.wall() + intent.quorum.deadline),
+                              deadline=self.wall() + intent.quorum.deadline,
+                              evidence=intent.quorum.evidence),
             summary=intent.finding.summary, evidence=dict(intent.finding.evidence),
-            rationale=intent.rationale)
+            rationale=intent.rationale, paths=self._paths(intent))
+
+    def _paths(self, intent: Intent) -> tuple[EvidencePath, ...]:
+        """The proposer's evidence path: the one its detector saw the finding by."""
+        policy = self.engine.policy(intent.policy)
+        return (PRIMARY[policy.spec.detect.kind],) if policy is not None else ()
 
     async def _quorum_flow(self, link: BusLink, intent: Intent, actuator: Actuator) -> None:
         view = link.view

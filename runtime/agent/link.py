@@ -34,7 +34,16 @@ from bus.envelope import Accepted, Dropped, Envelope, Verifier, format_time
 from bus.jetstream import AUDIT_STREAM, LEASES_BUCKET, Settings, check
 from bus.journal import Journal
 from bus.keys import Signer
-from bus.messages import Control, Decision, Finding, Heartbeat, Proposal, Result, Started
+from bus.messages import (
+    Control,
+    Decision,
+    Finding,
+    Heartbeat,
+    NodeReport,
+    Proposal,
+    Result,
+    Started,
+)
 from bus.natstypes import BucketNotFoundError, JetStreamError, KeyValue, Msg, NatsError
 from bus.protocol import Assess, Protocol
 from bus.quorum import Tally
@@ -260,6 +269,7 @@ class BusLink:
         self._subscribed = False
         # Kept current by the loop after every tick, for the heartbeat.
         self._ticks, self._status, self._kubernetes = 0, "starting", "not observed"
+        self._node: NodeReport | None = None
         self._scopes_digest = _digest(persona.spec.effective_scopes)
         self._policies_digest = _digest(policy_digest(p) for p in config.policies_of(persona))
 
@@ -270,6 +280,10 @@ class BusLink:
     def report(self, *, ticks: int, status: str, kubernetes: str) -> None:
         """What the next heartbeat says about this agent's loop."""
         self._ticks, self._status, self._kubernetes = ticks, status, kubernetes
+
+    def report_node(self, node: NodeReport | None) -> None:
+        """What the next heartbeat says about this host's kubelet (the latest snapshot's)."""
+        self._node = node
 
     # ------------------------------------------------------------ lifecycle
 
@@ -379,7 +393,8 @@ class BusLink:
         body = Heartbeat(
             pid=os.getpid(), version=__version__, tick=self._ticks, status=self._status,
             bus="connected", kubernetes=self._kubernetes, frozen=self.view.frozen is not None,
-            scopes_digest=self._scopes_digest, policies_digest=self._policies_digest)
+            scopes_digest=self._scopes_digest, policies_digest=self._policies_digest,
+            node=self._node)
         try:
             await self.protocol.send("heartbeat", body)
         except BUS_ERRORS as exc:
@@ -393,8 +408,9 @@ class BusLink:
             return
         env = checked.envelope
         if env.sender != self.persona.name:
+            assert isinstance(checked.body, Heartbeat)
             self.view.peers[env.sender] = PeerObs(persona=env.sender, last_heartbeat=env.at,
-                                                  host=env.host)
+                                                  host=env.host, node=checked.body.node)
 
     async def publish_findings(self, events: Iterable[Event]) -> None:
         """Tell the bus which findings the engine opened and cleared this tick."""

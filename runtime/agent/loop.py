@@ -263,6 +263,8 @@ class Agent:
 
     async def _tick(self, report: TickReport) -> None:
         snapshot = await self.observing.snapshot(self._wall())
+        if self.link is not None:
+            self.link.report_node(snapshot.node_report)
         report.sources_down = sorted(n for n, s in snapshot.sources.items() if not s.ok)
         kubernetes = snapshot.sources.get("kubernetes")
         if snapshot.nodes is not None or snapshot.pods is not None:

@@ -111,6 +111,10 @@ class Metrics:
         self._checks = Counter("zeta_agent_review_checks_total",
                                "Review checks this agent ran as a veto holder, by check and "
                                "result (pass, block).", (*p, "check", "result"), registry=r)
+        self._disagreements = Counter(
+            "zeta_agent_evidence_disagreements_total",
+            "Votes this agent rejected because the API server said a node was not Ready and "
+            "the node's own agent said its kubelet was healthy.", p, registry=r)
         self._bus = Gauge("zeta_agent_bus_connected", "1 while connected to the bus, else 0.",
                           p, registry=r).labels(persona)
         self._model_calls = Counter("zeta_agent_model_calls_total",
@@ -172,6 +176,9 @@ class Metrics:
 
     def review(self, check: CheckName, *, passed: bool) -> None:
         self._checks.labels(self.persona, check, CHECK_RESULTS[not passed]).inc()
+
+    def disagreement(self) -> None:
+        self._disagreements.labels(self.persona).inc()
 
     def decision(self, outcome: str) -> None:
         self._decisions.labels(self.persona, outcome).inc()

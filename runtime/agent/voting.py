@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import functools
 import typing
-from datetime import datetime
+from datetime import datetime, timedelta
+
+import structlog
 
 from bus import leases
 from bus.envelope import Envelope
 from bus.messages import Proposal
 from bus.protocol import Judgement
-from runtime.agent.link import BusView
+from runtime.agent.link import HEARTBEAT_EVERY, BusView
 from runtime.agent.metrics import Metrics
 from runtime.agent.observing import Observing
 from runtime.config.loading import ConfigSet
-from runtime.core import review, vote
+from runtime.core import evidence, review, vote
 from runtime.core.detecting import detect
 from runtime.core.engine import PolicyEngine
 from runtime.core.ports import Wall
+from runtime.host.observing import authority, tcp_connect
 from runtime.model.formats import Persona, RepairPolicy
 from runtime.model.snapshot import Snapshot
+
+log = structlog.get_logger()
+
+SILENT_AFTER = timedelta(seconds=6 * HEARTBEAT_EVERY)
+"""Agents on a node unheard this long are silent: the ``peer`` path says it is down."""
 
 
 class Argue(typing.Protocol):
@@ -70,7 +78,7 @@ class Voter:
             if left > 0:
                 rationale = await self.argue(proposal, cast.verdict, cast.reason, within=left)
         return Judgement(cast.verdict, cast.reason, dict(cast.evidence), rationale,
-                         required=cast.required)
+                         required=cast.required, paths=cast.paths)
 
     async def _judge(self, envelope: Envelope, proposal: Proposal) -> vote.Vote:
         located = self.config.policies.get(proposal.policy)
@@ -102,9 +110,44 @@ class Voter:
                                  detection=detect(policy.spec.detect, snapshot),
                                  host=snapshot.host, sources=sources, now=now,
                                  history=functools.partial(self._history, policy.name))
+        if (confirmed.verdict == "approve" and proposal.target.kind == "node"
+                and evidence.corroborates_kubelet(policy.spec.detect)):
+            confirmed = vote.corroborated(confirmed, proposal.target.name,
+                                          await self._corroborate(proposal.target.name, snapshot))
         if "veto" not in self.persona.spec.duties:
             return confirmed
         return self._review(confirmed, proposal, snapshot)
+
+    async def _corroborate(self, node: str, snapshot: Snapshot) -> evidence.Corroboration:
+        """Ask the other paths whether ``node``'s kubelet is down: the reports of the
+        agents on it (this one's own, if it runs there), and a probe of its kubelet port."""
+        voices = [evidence.Voice(p.persona, p.last_heartbeat, p.node)
+                  for p in self.view.peers.values()
+                  if p.node is not None and p.node.node == node and p.last_heartbeat is not None]
+        if snapshot.node_report is not None and snapshot.node_report.node == node:
+            voices.append(evidence.Voice(self.persona.name, snapshot.at, snapshot.node_report))
+        settings = self.config.fleet.spec.safety.hostEvidence
+        seen = next((n for n in snapshot.nodes or () if n.name == node), None)
+        probe = None
+        if seen is not None and seen.address and seen.kubelet_port is not None:
+            probe = evidence.Probe(
+                authority(seen.address, seen.kubelet_port),
+                await tcp_connect(seen.address, seen.kubelet_port,
+                                  settings.probeTimeout.total_seconds()))
+        found = evidence.corroborate(node, voices=voices, probe=probe, now=snapshot.at,
+                                     fresh=self._report_fresh(), silent=SILENT_AFTER)
+        if found.disagreement is not None:
+            self.metrics.disagreement()
+            log.warning("evidence paths disagree", node=node, disagreement=found.disagreement)
+        return found
+
+    def _report_fresh(self) -> timedelta:
+        """How old a node's report may be and still count: an agent refreshes it every
+        tick and sends it every heartbeat, so two of the slowest persona's ticks and two
+        heartbeats (one lost on the way) cover it."""
+        slowest = max((p.value.spec.tick for p in self.config.personas.values()),
+                      default=timedelta(0))
+        return 2 * slowest + 2 * timedelta(seconds=HEARTBEAT_EVERY)
 
     def _history(self, policy: str, key: str) -> vote.History | None:
         """This voter's own memory of the condition on ``key`` (None: it does not run

@@ -49,6 +49,8 @@ from runtime.kube.observing import kubernetes_observer
 
 log = structlog.get_logger()
 
+NODE_NAME_ENV = "ZETA_NODE_NAME"
+
 
 def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
           environ: Mapping[str, str] = os.environ,
@@ -70,7 +72,11 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
     kubeconfig = credential_path(KUBECONFIG_FILE, persona.name, config.fleet, environ)
     kubernetes = kubernetes_observer(kubeconfig, stale_after=2 * timing.tick)
     clients = [kubernetes] if kubernetes is not None else []
-    observers = host_observers(policies, config.fleet, state_dir, clients=clients)
+    # The Node this host runs: the kubelet registers it under the host name unless told
+    # otherwise (--hostname-override, a cloud provider's naming), and so may the operator.
+    node = environ.get(NODE_NAME_ENV, "") or host
+    observers = host_observers(policies, config.fleet, state_dir, node=node,
+                               explicit_node=bool(environ.get(NODE_NAME_ENV)), clients=clients)
     observers += clients
     signer = None
     try:

@@ -142,7 +142,8 @@ def required(policy: RepairPolicy, step: int, default: Quorum) -> Required | Non
         return Required(approvals=1, veto=(), deadline=default.deadline.total_seconds(),
                         destructive=False)
     return Required(approvals=quorum.approvals, veto=quorum.veto,
-                    deadline=quorum.deadline.total_seconds(), destructive=remedy.is_destructive)
+                    deadline=quorum.deadline.total_seconds(), destructive=remedy.is_destructive,
+                    evidence=quorum.evidence)
 
 
 def required_at(policy: RepairPolicy | None, digest: str, step: int,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol, TypedDict, get_args
 
+from bus.messages import NodeReport
 from runtime.core.engine import Intent
 from runtime.model.catalog import lookup
 from runtime.model.snapshot import (
@@ -41,7 +42,7 @@ def utc_now() -> datetime:
 # ---------------------------------------------------------------- observing
 
 Domain = Literal["nodes", "pods", "apiserver", "units", "peers", "leases", "health",
-                 "events"]
+                 "events", "node_report"]
 DOMAINS: tuple[Domain, ...] = get_args(Domain)
 
 
@@ -56,6 +57,7 @@ class Contribution(TypedDict, total=False):
     leases: tuple[LeaseObs, ...]
     health: HostHealth
     events: tuple[EventObs, ...]
+    node_report: NodeReport
 
 
 @dataclass(frozen=True)

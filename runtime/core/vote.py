@@ -19,10 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from bus.messages import Proposal, Required, Verdict
+from bus.messages import EvidencePath, Proposal, Required, Verdict
 from bus.quorum import looser
 from runtime.core.detecting import Detection
 from runtime.core.engine import policy_digest, required, required_at
+from runtime.core.evidence import PRIMARY, Corroboration
 from runtime.core.review import Check, blocking
 from runtime.core.targets import finding_behind
 from runtime.model import scopes
@@ -40,6 +41,7 @@ class Vote:
     reason: str
     evidence: Mapping[str, object] = field(default_factory=dict)
     required: Required | None = None
+    paths: tuple[EvidencePath, ...] = ()  # an approval's evidence paths
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,21 @@ def confirm(proposal: Proposal, *, policy: RepairPolicy, holder: Holder | None,
                                f"{format_duration(hold)}", {"host": host})
             held = {"held_for_s": round(length.total_seconds(), 1)}
     return Vote("approve", f"confirmed from {host}: {match.summary}",
-                {"observed_at": now.isoformat(), "host": host, **held, **match.evidence})
+                {"observed_at": now.isoformat(), "host": host, **held, **match.evidence},
+                paths=(PRIMARY[kind],))
+
+
+def corroborated(vote: Vote, node: str, corroboration: Corroboration) -> Vote:
+    """``vote`` with the paths beyond its detector's that confirm ``node`` is not Ready;
+    an approval becomes a reject when the node's own agent says its kubelet is healthy."""
+    if vote.verdict != "approve":
+        return vote
+    evidence = {**vote.evidence, **corroboration.evidence()}
+    if corroboration.disagreement is not None:
+        return Vote("reject", f"disagreement: the API server says {node} is not Ready, but "
+                              f"{corroboration.disagreement}", evidence)
+    paths = tuple(dict.fromkeys([*vote.paths, *corroboration.paths]))
+    return replace(vote, evidence=evidence, paths=paths)
 
 
 def reviewed(vote: Vote, checks: Sequence[Check]) -> Vote:

@@ -21,10 +21,12 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from bus.messages import NodeReport
+from runtime.core.evidence import HEALTHY
 from runtime.core.ports import Domain, Observed, Observer, ProbeSource
 from runtime.host.systemctl import Systemctl, SystemctlError
 from runtime.model.catalog import UnitParams
-from runtime.model.formats import Fleet, RepairPolicy, UnitFailedDetect
+from runtime.model.formats import Fleet, HostEvidence, RepairPolicy, UnitFailedDetect
 from runtime.model.snapshot import ApiProbe, HostHealth, SourceStatus
 
 log = structlog.get_logger()
@@ -181,6 +183,60 @@ def _describe(exc: BaseException, timeout: float) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+async def tcp_connect(host: str, port: int, within: float) -> str | None:
+    """Connect and close: None if it connected, else why not (refused, timed out…)."""
+    try:
+        async with asyncio.timeout(within):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    except (OSError, TimeoutError) as exc:
+        return _describe(exc, within)
+    return None
+
+
+def authority(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address(url: str) -> tuple[str, int, bool]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {url!r}")
+    secure = parts.scheme == "https"
+    return parts.hostname, parts.port or (443 if secure else 80), secure
+
+
+async def _http_get(url: str, *, within: float, tls: ssl.SSLContext,
+                    path: str | None = None, limit: int = 4096) -> tuple[bytes, bytes]:
+    """``GET`` ``path`` (default: the URL's) on ``url``'s server: its status line and
+    the first ``limit`` bytes of its body; raises OSError, TimeoutError, ValueError."""
+    host, port, secure = _address(url)
+    request = (f"GET {path or urlsplit(url).path or '/'} HTTP/1.1\r\n"
+               f"Host: {authority(host, port)}\r\nUser-Agent: zeta-agent\r\n"
+               "Connection: close\r\n\r\n").encode()
+    async with asyncio.timeout(within):
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls if secure else None)
+        try:
+            writer.write(request)
+            await writer.drain()
+            status = await reader.readline()
+            body = b""
+            if limit and status.startswith(b"HTTP/"):
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                    body = await reader.read(limit)
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    pass  # headers cut short or endless: no body to judge
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    return status, body
+
+
 class ApiserverObserver:
     """Probes every API server URL along two paths: a TCP connect and ``GET /readyz``.
 
@@ -211,55 +267,21 @@ class ApiserverObserver:
         return Observed({"apiserver": tuple(probes)}, SourceStatus(
             ok=True, detail=f"{reachable} of {len(probes)} paths reachable"))
 
-    @staticmethod
-    def _address(url: str) -> tuple[str, int, bool]:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected an http(s) URL, got {url!r}")
-        secure = parts.scheme == "https"
-        return parts.hostname, parts.port or (443 if secure else 80), secure
-
-    @staticmethod
-    def _authority(host: str, port: int) -> str:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
     async def _tcp(self, url: str) -> ApiProbe:
         try:
-            host, port, _ = self._address(url)
+            host, port, _ = _address(url)
         except ValueError as exc:
             return ApiProbe(path=f"tcp {url}", ok=False, error=str(exc))
-        path = f"tcp {self._authority(host, port)}"
-        try:
-            async with asyncio.timeout(self.timeout):
-                _, writer = await asyncio.open_connection(host, port)
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-        except (OSError, TimeoutError) as exc:
-            return ApiProbe(path=path, ok=False, error=_describe(exc, self.timeout))
-        return ApiProbe(path=path, ok=True)
+        error = await tcp_connect(host, port, self.timeout)
+        return ApiProbe(path=f"tcp {authority(host, port)}", ok=error is None, error=error or "")
 
     async def _readyz(self, url: str) -> ApiProbe:
         path = f"readyz {url}"
         try:
-            host, port, secure = self._address(url)
+            status, _ = await _http_get(url, within=self.timeout, tls=self._tls,
+                                        path=f"{urlsplit(url).path.rstrip('/')}/readyz", limit=0)
         except ValueError as exc:
             return ApiProbe(path=path, ok=False, error=str(exc))
-        request = (f"GET {urlsplit(url).path.rstrip('/')}/readyz HTTP/1.1\r\n"
-                   f"Host: {self._authority(host, port)}\r\nUser-Agent: zeta-agent\r\n"
-                   "Connection: close\r\n\r\n").encode()
-        try:
-            async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, ssl=self._tls if secure else None)
-                try:
-                    writer.write(request)
-                    await writer.drain()
-                    status = await reader.readline()
-                finally:
-                    writer.close()
-                    with contextlib.suppress(OSError):
-                        await writer.wait_closed()
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             return ApiProbe(path=path, ok=False, error=_describe(exc, self.timeout))
         if not status.startswith(b"HTTP/"):
@@ -269,13 +291,81 @@ class ApiserverObserver:
         return ApiProbe(path=path, ok=True)
 
 
+# ---------------------------------------------------------------- this node's own kubelet
+
+
+def healthz_answer(status: bytes, body: bytes) -> str:
+    """``ok`` for a 200 whose body is ``ok``, else what was answered."""
+    code = status.split(b" ")[1].decode("ascii", "replace") if status.count(b" ") else ""
+    text = body.decode("utf-8", "replace").strip()[:80]
+    if code == "200" and text == HEALTHY:
+        return HEALTHY
+    if not status:
+        return "connection closed without a response"
+    return f"HTTP {code}: {text}" if code else f"no HTTP response: {status[:40]!r}"
+
+
+class KubeletObserver:
+    """This host's own kubelet, as its heartbeat reports it to voters on other hosts
+    (the ``host`` evidence path): the state of the kubelet and container runtime units,
+    and the kubelet's healthz on its loopback port.
+
+    A host that runs no kubelet (no unit loaded, healthz refused) reports nothing,
+    unless ``$ZETA_NODE_NAME`` says which node it is (``explicit``).
+    """
+
+    name = "kubelet"
+    provides: frozenset[Domain] = frozenset({"node_report"})
+
+    def __init__(self, node: str, settings: HostEvidence, *, explicit: bool,
+                 systemctl: Systemctl | None = None) -> None:
+        self.node = node
+        self.settings = settings
+        self.explicit = explicit
+        self.systemctl = systemctl or Systemctl()
+        self._tls = _liveness_tls()
+
+    async def observe(self, now: datetime) -> Observed:
+        within = self.settings.probeTimeout.total_seconds()
+        units, healthz = await asyncio.gather(self._units(within), self._healthz(within))
+        states, problem = units
+        loaded = any(state != "not-found" for state in states.values())
+        if not (self.explicit or loaded or healthz == HEALTHY):
+            return Observed({}, SourceStatus(ok=True, detail="no kubelet on this host"))
+        report = NodeReport(node=self.node, observed_at=now, units=states, healthz=healthz)
+        detail = ", ".join([*(f"{u} {s}" for u, s in states.items()), f"healthz {healthz}"])
+        return Observed({"node_report": report},
+                        SourceStatus(ok=problem is None, detail=problem or detail))
+
+    async def _units(self, within: float) -> tuple[dict[str, str], str | None]:
+        try:
+            shown = await self.systemctl.show_units(self.settings.units, within=within)
+        except SystemctlError as exc:
+            return {}, f"units not read: {exc}"
+        return {u.name: ("not-found" if u.load_state == "not-found"
+                         else f"{u.active_state}/{u.sub_state}") for u in shown}, None
+
+    async def _healthz(self, within: float) -> str:
+        try:
+            status, body = await _http_get(self.settings.kubeletHealthz, within=within,
+                                           tls=self._tls, limit=256)
+        except (OSError, TimeoutError, ValueError) as exc:
+            return _describe(exc, within)
+        return healthz_answer(status, body)
+
+
 def host_observers(policies: Iterable[RepairPolicy], fleet: Fleet, state_dir: Path, *,
+                   node: str, explicit_node: bool,
                    clients: Sequence[ProbeSource] = ()) -> list[Observer]:
     """What an agent can see from its own host, before any bus or Kubernetes observer.
 
-    ``clients`` (the Kubernetes observer) add their own paths to the API server probes.
+    ``node`` is the Kubernetes node this host would run (``explicit_node``: the operator
+    said so). ``clients`` (the Kubernetes observer) add their own paths to the API
+    server probes.
     """
-    observers: list[Observer] = [HealthObserver(state_dir)]
+    observers: list[Observer] = [
+        HealthObserver(state_dir),
+        KubeletObserver(node, fleet.spec.safety.hostEvidence, explicit=explicit_node)]
     if units := watched_units(policies):
         observers.append(UnitObserver(units))
     if fleet.spec.apiservers or clients:

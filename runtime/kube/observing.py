@@ -196,7 +196,18 @@ def node_obs(obj: JSON, heartbeat: datetime | None = None) -> NodeObs:
             for c in status.get("conditions") or ()),
         heartbeat=heartbeat,
         allocatable=_resources(*_amounts(status["allocatable"])) if status.get("allocatable")
-        else None)
+        else None,
+        address=next((_text(a.get("address")) for a in status.get("addresses") or ()
+                      if isinstance(a, dict) and a.get("type") == "InternalIP"), ""),
+        kubelet_port=_port(status.get("daemonEndpoints")))
+
+
+def _port(endpoints: Any) -> int | None:
+    """daemonEndpoints.kubeletEndpoint.Port, if it is a port number."""
+    kubelet = endpoints.get("kubeletEndpoint") if isinstance(endpoints, dict) else None
+    port = kubelet.get("Port") if isinstance(kubelet, dict) else None
+    valid = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+    return port if valid else None
 
 
 @functools.lru_cache(maxsize=16384)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,9 +37,12 @@ class PodDeleteParams(Params):
     gracePeriodSeconds: int | None = Field(default=None, ge=0)  # noqa: N815 (wire name)
 
 
+UnitName = Annotated[str, Field(
+    pattern=r"^[A-Za-z0-9][A-Za-z0-9@._-]*\.(service|socket|target|timer)$")]
+
+
 class UnitParams(Params):
-    unit: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9@._-]*\.(service|socket|target|timer)$",
-                      description="The systemd unit, e.g. kubelet.service.")
+    unit: UnitName = Field(description="The systemd unit, e.g. kubelet.service.")
 
 
 class EscalateParams(Params):

@@ -25,12 +25,14 @@ from pydantic import (
 )
 
 from bus.keys import check_user_public_key
+from bus.messages import NO_EVIDENCE_RULE, EvidenceRule
 from bus.subjects import PERSONA_NAME
 from runtime.model import scopes as scoping
 from runtime.model.catalog import (
     DESTRUCTIVE_MIN_APPROVALS,
     OPT_OUT_LABEL,
     Params,
+    UnitName,
     UnknownActionError,
     lookup,
 )
@@ -370,6 +372,11 @@ class Quorum(Model):
     approvals: int = Field(ge=1, le=32)
     veto: tuple[PersonaName, ...] = ()
     deadline: Duration = timedelta(seconds=30)
+    evidence: EvidenceRule = Field(
+        default=NO_EVIDENCE_RULE,
+        description="Independent evidence: the approvals, the proposer's included, must name "
+                    "this many distinct evidence paths (apiserver, host, network, peer) and "
+                    "these ones (docs/safety.md#independent-evidence).")
 
 
 class Remedy(Model):
@@ -498,6 +505,28 @@ class ObserverOutage(Model):
         description="That many nodes going NotReady in the window is an outage of the observer.")
 
 
+class HostEvidence(Model):
+    """How an agent on a Kubernetes node sees its own kubelet, for its heartbeat (the
+    ``host`` evidence path), and how long a voter's own probes may take."""
+
+    units: tuple[UnitName, ...] = Field(
+        default=("kubelet.service", "containerd.service"), min_length=1, max_length=8,
+        description="The units reported; the first is the kubelet's.")
+    kubeletHealthz: str = Field(  # noqa: N815
+        default="http://127.0.0.1:10248/healthz", pattern=r"^https?://[^/\s]+(/\S*)?$",
+        description="The kubelet's healthz endpoint as seen from its own host.")
+    probeTimeout: Duration = Field(  # noqa: N815
+        default=timedelta(seconds=2),
+        description="The healthz request, and a voter's TCP probe of a node's kubelet port.")
+
+    @field_validator("probeTimeout")
+    @classmethod
+    def _short(cls, timeout: timedelta) -> timedelta:
+        if not timedelta(milliseconds=100) <= timeout <= timedelta(seconds=10):
+            raise ValueError("must be between 100ms and 10s: a vote waits for it")
+        return timeout
+
+
 class Safety(Model):
     """The fleet-wide limits every persona with the veto duty reviews (docs/safety.md)."""
 
@@ -506,6 +535,7 @@ class Safety(Model):
         description="At most this many nodes disrupted by the agents at once, across all "
                     "policies (0: no node-level destructive repair at all).")
     observerOutage: ObserverOutage = ObserverOutage()  # noqa: N815
+    hostEvidence: HostEvidence = HostEvidence()  # noqa: N815
 
 
 class FleetSpec(Model):

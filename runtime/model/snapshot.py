@@ -12,7 +12,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bus.messages import Target
+from bus.messages import NodeReport, Target
 
 
 class Obs(BaseModel):
@@ -46,6 +46,9 @@ class NodeCondition(Obs):
 
 class NodeObs(Obs):
     name: str
+    address: str = Field(default="", description="Its InternalIP, as its kubelet reports it.")
+    kubelet_port: int | None = Field(
+        default=None, description="daemonEndpoints.kubeletEndpoint.Port (None: not reported).")
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     unschedulable: bool = False
@@ -102,6 +105,8 @@ class PeerObs(Obs):
     persona: str
     last_heartbeat: datetime | None = None
     host: str = ""
+    node: NodeReport | None = Field(
+        default=None, description="The last report on its node's kubelet it sent, if any.")
 
 
 class LeaseObs(Obs):
@@ -152,4 +157,6 @@ class Snapshot(Obs):
     leases: tuple[LeaseObs, ...] | None = None
     health: HostHealth | None = None
     events: tuple[EventObs, ...] | None = None
+    node_report: NodeReport | None = Field(
+        default=None, description="This host's own kubelet, if it runs one (its heartbeat's).")
     sources: dict[str, SourceStatus] = Field(default_factory=dict)

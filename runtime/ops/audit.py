@@ -189,8 +189,7 @@ class _Audit:
             return False
         terms = proposal.body
         assert isinstance(terms, Proposal)
-        rule = Rule(proposer, terms.quorum.approvals, frozenset(terms.quorum.veto),
-                    terms.quorum.deadline)
+        rule = Rule.of(proposer, terms.quorum, terms.paths)
         by_id = {v.envelope.id: v for v in votes}
         sound = self.check_rule(decision, proposal, [by_id[i] for i in body.votes if i in by_id])
         counted: list[Ballot] = []
@@ -203,10 +202,9 @@ class _Audit:
                 sound = False
                 continue
             assert isinstance(vote.body, Vote)
-            counted.append(Ballot(vote_id, vote.envelope.sender, vote.body.verdict,
-                                  vote.envelope.at))
+            counted.append(Ballot.of(vote_id, vote.envelope.sender, vote.envelope.at, vote.body))
         # Stream order, not the senders' clocks, says which votes the proposer had seen.
-        seen = [Ballot(v.envelope.id, v.envelope.sender, v.body.verdict, v.envelope.at)
+        seen = [Ballot.of(v.envelope.id, v.envelope.sender, v.envelope.at, v.body)
                 for v in votes if isinstance(v.body, Vote) and v.stored.seq < decision.stored.seq
                 and v.envelope.id not in body.votes]
         kept = {b.vote_id for b in counted_ballots(rule, [*counted, *seen], self.voters)}

@@ -78,11 +78,15 @@ def describe(envelope: Envelope, body: BaseModel) -> str:
         case Proposal():
             veto = f", veto {', '.join(body.quorum.veto)}" if body.quorum.veto else ""
             kind = "destructive" if body.destructive else "non-destructive"
+            paths = f", {body.quorum.evidence.short()}" if body.quorum.evidence.needed else ""
+            seen = f" [seen by {', '.join(body.paths)}]" if body.paths else ""
             return (f"{who} proposes {body.action} on {body.target.key} ({body.policy} step "
-                    f"{body.step}, {kind}; {body.quorum.approvals} approvals{veto} by "
-                    f"{_clock(body.quorum.deadline)}): {body.summary}")
+                    f"{body.step}, {kind}; {body.quorum.approvals} approvals{veto}{paths} by "
+                    f"{_clock(body.quorum.deadline)}): {body.summary}{seen}")
         case Vote():
-            return f"{who} votes {body.verdict}: {body.reason}{_review(body.evidence)}"
+            seen = f" [seen by {', '.join(body.paths)}]" if body.paths else ""
+            return (f"{who} votes {body.verdict}: {body.reason}{_review(body.evidence)}"
+                    f"{seen}")
         case Decision():
             extra = "; ".join(filter(None, (
                 _names("approvals:", body.approvals), _names("rejections:", body.rejections),
@@ -149,12 +153,10 @@ class View:
                 if previous is not None and _shown(previous[1]) == _shown(body):
                     return None
             case Proposal():
-                self.open[repair] = _Open(env, Rule(env.sender, body.quorum.approvals,
-                                                    frozenset(body.quorum.veto),
-                                                    body.quorum.deadline))
+                self.open[repair] = _Open(env, Rule.of(env.sender, body.quorum, body.paths))
             case Vote() if repair in self.open:
                 pending = self.open[repair]
-                pending.ballots.append(Ballot(env.id, env.sender, body.verdict, env.at))
+                pending.ballots.append(Ballot.of(env.id, env.sender, env.at, body))
                 so_far = tally(pending.rule, pending.ballots, self.roster.voters, now)
                 text += f"  [{so_far.outcome}: {so_far.reason}]"
             case Decision():
