@@ -63,14 +63,15 @@ READY_WITHIN = 60.0  # five interpreters importing at once on two busy cores
 # The shipped policies wait minutes before acting, as they should on a real cluster;
 # a lab or a test cannot. Same ladders and quorum rules, seconds instead of minutes.
 QUORUM = {"approvals": 3, "veto": ["riven"], "deadline": "10s"}
+NODE_QUORUM = {**QUORUM, "evidence": {"distinct": 2}}  # as node-not-ready.yaml asks
 NODE_NOT_READY = {
     "detect": {"kind": "node-condition", "condition": "Ready", "status": ["False", "Unknown"],
                "for": "5s"},
     # A cordon alone cannot clear NotReady: its short verify window moves on to the drain.
     "remedies": [
-        {"action": "k8s.node.cordon", "quorum": QUORUM,
+        {"action": "k8s.node.cordon", "quorum": NODE_QUORUM,
          "verify": {"within": "3s", "expect": "finding-cleared"}},
-        {"action": "k8s.node.drain", "params": {"timeout": "90s"}, "quorum": QUORUM,
+        {"action": "k8s.node.drain", "params": {"timeout": "90s"}, "quorum": NODE_QUORUM,
          "verify": {"within": "90s", "expect": "finding-cleared"}},
     ],
     "budget": {"maxInFlight": 1, "perHour": 10, "maxUnhealthyFraction": 0.3},
@@ -91,7 +92,7 @@ POLICIES: dict[str, dict[str, Any]] = {
 """Per-policy spec overrides of the shipped policies for the lab and the e2e tests."""
 # Inherited variables that would point an agent at another bus, config or service manager.
 _FOREIGN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "ZETA_CONFIG_DIR",
-                "ZETA_NATS_URL", "CREDENTIALS_DIRECTORY")
+                "ZETA_NATS_URL", "CREDENTIALS_DIRECTORY", "ZETA_NODE_NAME")
 
 
 class FleetError(RuntimeError):
@@ -279,12 +280,14 @@ class AgentProcess:
 
 
 def start_agent(config_dir: Path, name: str, workdir: Path, *,
-                watchdog: timedelta | None = None, metrics: str | None = None) -> AgentProcess:
+                watchdog: timedelta | None = None, metrics: str | None = None,
+                extra_env: Mapping[str, str] | None = None) -> AgentProcess:
     """Start ``python -m runtime run <name>`` in a session of its own, as systemd would.
 
     Its state directory, log and notify socket live under ``workdir``; ``watchdog``
     sets ``WATCHDOG_USEC`` as ``WatchdogSec=`` would; ``metrics`` (host:port) is where it
-    serves Prometheus metrics (``ZETA_METRICS_LISTEN``). A session of its own: a Ctrl-C
+    serves Prometheus metrics (``ZETA_METRICS_LISTEN``); ``extra_env`` is what a unit's
+    ``Environment=`` would add (``ZETA_NODE_NAME``, say). A session of its own: a Ctrl-C
     in the terminal reaches whoever started it, which stops the agents in order.
     """
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
@@ -300,6 +303,7 @@ def start_agent(config_dir: Path, name: str, workdir: Path, *,
         env["WATCHDOG_USEC"] = str(watchdog // timedelta(microseconds=1))
     if metrics is not None:
         env["ZETA_METRICS_LISTEN"] = metrics
+    env.update(extra_env or {})
     log_file = workdir / "logs" / f"{name}.log"
     log_file.parent.mkdir(exist_ok=True)
     with log_file.open("wb") as out:  # the child keeps its own descriptor
@@ -475,22 +479,25 @@ async def init_bus(url: str, config: ConfigSet, *, seed: bytes | None = None) ->
 
 def prepare_fleet(workdir: Path, bus_url: str, apiserver: str, *, source: Path,
                   policies: Mapping[str, Mapping[str, Any]] | None = None,
-                  tick: timedelta = TICK) -> Path:
+                  tick: timedelta = TICK, fleet: Mapping[str, Any] | None = None) -> Path:
     """The configuration copy every fleet runs from (``workdir/config``), enforcing
-    ``POLICIES`` (updated by ``policies``), with fresh keys, on ``bus_url`` and ``apiserver``.
-    ``source`` is the checkout (or any directory of personas and policies) to copy."""
+    ``POLICIES`` (updated by ``policies``), with fresh keys, on ``bus_url`` and ``apiserver``
+    (and ``fleet``'s spec fields). ``source`` is the checkout (or any directory of
+    personas and policies) to copy."""
     config_dir = workdir / "config"
     prepare_config(source, config_dir, tick=tick, nats_url=bus_url, dry_run=False,
                    policy_spec={**POLICIES, **(policies or {})},
-                   fleet_spec={"apiservers": [apiserver], "quorum": QUORUM})
+                   fleet_spec={"apiservers": [apiserver], "quorum": QUORUM, **(fleet or {})})
     return config_dir
 
 
 async def start_fleet(config_dir: Path, workdir: Path, bus_url: str, plane: ControlPlane, *,
-                      on_line: Callable[[Seen], None] | None = None) -> AgentFleet:
+                      on_line: Callable[[Seen], None] | None = None,
+                      env: Mapping[str, Mapping[str, str]] | None = None) -> AgentFleet:
     """Install the personas' Kubernetes identities, start the tap, then one process per
-    persona; returns at once (``AgentFleet.wait_ready``), so that a caller interrupted
-    while they start up still holds the processes to stop."""
+    persona (with ``env``'s additions by persona); returns at once
+    (``AgentFleet.wait_ready``), so that a caller interrupted while they start up still
+    holds the processes to stop."""
     config = load(config_paths(config_dir))
     await init_bus(bus_url, config)
     await asyncio.to_thread(install_kubernetes, config_dir, plane)
@@ -500,6 +507,7 @@ async def start_fleet(config_dir: Path, workdir: Path, bus_url: str, plane: Cont
     for name, port in zip(names, free_ports(len(names)), strict=True):
         fleet.agents[name] = start_agent(config_dir, name, workdir,
                                          watchdog=max(TICK * 3, timedelta(seconds=3)),
-                                         metrics=f"127.0.0.1:{port}")
+                                         metrics=f"127.0.0.1:{port}",
+                                         extra_env=(env or {}).get(name))
         fleet.agents[name].listen()
     return fleet

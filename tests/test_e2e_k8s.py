@@ -52,19 +52,21 @@ FleetStarter = Callable[..., Awaitable[AgentFleet]]
 @pytest.fixture
 async def start_fleet(tmp_path: Path, nats_server: NatsServer,
                               control_plane: ControlPlane) -> AsyncIterator[FleetStarter]:
-    """Start the five personas as processes (``policies`` update the harness's POLICIES);
-    all stopped after, and each must exit 0."""
+    """Start the five personas as processes (``policies`` update the harness's POLICIES,
+    ``fleet`` the fleet's spec, ``env`` adds to a persona's environment); all stopped
+    after, and each must exit 0."""
     started: list[AgentFleet] = []
 
-    async def start(policies: Mapping[str, Mapping[str, Any]] | None = None) -> AgentFleet:
+    async def start(policies: Mapping[str, Mapping[str, Any]] | None = None, *,
+                    fleet: Mapping[str, Any] | None = None,
+                    env: Mapping[str, Mapping[str, str]] | None = None) -> AgentFleet:
         config_dir = harness.prepare_fleet(tmp_path, nats_server.url, control_plane.url,
-                                           source=REPO,
-                                           policies=policies)
-        fleet = await harness.start_fleet(config_dir, tmp_path, nats_server.url,
-                                          control_plane)
-        started.append(fleet)
-        await fleet.wait_ready()
-        return fleet
+                                           source=REPO, policies=policies, fleet=fleet)
+        fleet_ = await harness.start_fleet(config_dir, tmp_path, nats_server.url,
+                                           control_plane, env=env)
+        started.append(fleet_)
+        await fleet_.wait_ready()
+        return fleet_
 
     yield start
     for fleet in started:
@@ -184,11 +186,15 @@ async def test_a_dead_node_is_cordoned_drained_under_its_pdb_then_uncordoned_by_
         votes = _of(audit, "vote", action)
         by = {m["from"]: m["body"] for m in votes}
         assert {"alexa", "riven"} <= set(by), (action, by)
+        assert proposal["body"]["paths"] == ["apiserver"]
         for voter in ("alexa", "riven"):
             assert by[voter]["verdict"] == "approve", (action, by[voter])
             # Their own watches saw it: the reason quotes what they observed themselves.
             assert by[voter]["reason"].startswith("confirmed from "), by[voter]
             assert f"node {victim}: Ready=Unknown" in by[voter]["reason"], by[voter]
+            # And a second path: their own probe of its kubelet port, refused.
+            assert by[voter]["paths"] == ["apiserver", "network"], by[voter]
+            assert "Connection refused" in by[voter]["evidence"]["paths"]["network"]
         [decision] = _of(audit, "decision", action)
         assert decision["body"]["outcome"] == "approved"
         [started] = _of(audit, "started", action)
@@ -214,6 +220,80 @@ async def test_a_dead_node_is_cordoned_drained_under_its_pdb_then_uncordoned_by_
     roster = fleet.roster()
     assert auditing.verify(await fleet.stored(), roster.keys, roster.operators,
                            roster.voters) == []
+
+
+async def _eventually(attempt: Callable[[], Awaitable[T | None]], within: float,
+                      what: str) -> T:
+    """Await ``attempt`` until it returns something, every half second, failing the test
+    after ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (result := await attempt()) is None:
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"not within {within:g}s: {what}")
+        await asyncio.sleep(0.5)
+    return result
+
+
+async def _cordon_decision(fleet: AgentFleet) -> dict[str, Any] | None:
+    """The first decision on a cordon in the audit stream, once there is one."""
+    decisions = _of(await fleet.audit(), "decision", "k8s.node.cordon")
+    return decisions[0] if decisions else None
+
+
+async def test_the_api_servers_word_alone_does_not_cordon_a_node_whose_kubelet_answers(
+        start_fleet: FleetStarter, api: JsonApi, node_sim: NodeSimulator) -> None:
+    nodes = node_sim.add_nodes(4)
+    victim = nodes[0]
+    fleet = await start_fleet()
+    # Its kubelet lives on but cannot reach the API server: NotReady there, and its port
+    # answers a probe. Nobody on the node speaks for it: one path, two asked.
+    node_sim.stop_heartbeats(victim, port_open=True)
+    try:
+        decision = await _eventually(lambda: _cordon_decision(fleet), 90,
+                                     f"a decision on cordoning {victim}\n{fleet.dump()}")
+    finally:
+        node_sim.resume_heartbeats(victim)
+    audit = await fleet.audit()
+    assert decision["body"]["outcome"] in ("rejected", "expired"), decision
+    assert "1/2 distinct evidence paths (named: apiserver)" in decision["body"]["reason"]
+    for vote in _of(audit, "vote", "k8s.node.cordon"):
+        assert vote["body"]["evidence"]["unconfirmed"]["network"].endswith(
+            "accepts connections"), vote
+    assert not _node(api, victim)["spec"].get("unschedulable")
+    assert [e for e in fleet.kubernetes_changes() if e["call"] == "patch nodes"] == []
+
+
+async def test_a_healthy_report_from_the_nodes_own_agent_stops_the_cordon(
+        start_fleet: FleetStarter, api: JsonApi, node_sim: NodeSimulator,
+        healthz: str) -> None:
+    nodes = node_sim.add_nodes(4)
+    victim = nodes[0]
+    # Lior runs on the victim's host, whose kubelet healthz answers ok (it cannot see
+    # systemd here: it reports no units, only the healthz).
+    fleet = await start_fleet(fleet={"safety": {"hostEvidence": {"kubeletHealthz": healthz}}},
+                              env={"lior": {"ZETA_NODE_NAME": victim}})
+    await until(lambda: any(h.node is not None and h.node.node == victim
+                            for h in fleet.tap.heartbeats("lior")), 30,
+                f"lior's heartbeat to report on {victim}")
+    node_sim.stop_heartbeats(victim)  # the API server sees it NotReady, its port refuses
+    try:
+        decision = await _eventually(lambda: _cordon_decision(fleet), 90,
+                                     f"a decision on cordoning {victim}\n{fleet.dump()}")
+    finally:
+        node_sim.resume_heartbeats(victim)
+    assert decision["body"]["outcome"] == "rejected", decision
+    assert decision["body"]["vetoes"] == ["riven"], decision
+    votes = {m["from"]: m["body"] for m in _of(await fleet.audit(), "vote", "k8s.node.cordon")}
+    disagreement = (f"disagreement: the API server says {victim} is not Ready, but lior on "
+                    f"{victim} reports its kubelet active and healthy (healthz ok, ")
+    assert votes["riven"]["verdict"] == "block"
+    for body in votes.values():
+        assert body["reason"].startswith(disagreement), body
+        assert body["paths"] == []
+        assert "Connection refused" in body["evidence"]["paths"]["network"]
+    assert fleet.agents["riven"].scrape()["zeta_agent_evidence_disagreements_total"] >= 1
+    assert [e for e in fleet.kubernetes_changes() if e["call"] == "patch nodes"] == []
+    assert fleet.events("evidence paths disagree")
 
 
 async def test_a_crash_looping_deployment_is_restarted_after_a_quorum(

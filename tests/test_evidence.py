@@ -4,11 +4,8 @@ the network and the bus, and a disagreement that stops a destructive repair."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import typing
-from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from hypothesis import given
@@ -32,6 +29,7 @@ from runtime.kube.observing import node_obs
 from runtime.model.formats import Detect, HostEvidence, NodeConditionDetect
 from runtime.model.snapshot import UnitObs
 from tests.builders import T0, at
+from tests.healthz import Kubelet
 
 ELIGIBLE = frozenset({"otto", "alexa", "riven", "vera", "lior"})
 TWO = EvidenceRule(distinct=2)
@@ -275,35 +273,6 @@ def test_healthz_answers() -> None:
     assert healthz_answer(b"", b"") == "connection closed without a response"
     assert healthz_answer(b"SSH-2.0-OpenSSH\r\n", b"") == (
         "no HTTP response: b'SSH-2.0-OpenSSH\\r\\n'")
-
-
-class Kubelet(BaseHTTPRequestHandler):
-    """A kubelet's healthz endpoint: ``ok`` until told otherwise."""
-
-    answer: typing.ClassVar[tuple[int, bytes]] = (200, b"ok")
-
-    def do_GET(self) -> None:
-        code, body = self.answer
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def healthz() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Kubelet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/healthz"
-    finally:
-        server.shutdown()
-        server.server_close()
-        Kubelet.answer = (200, b"ok")
 
 
 class Units(Systemctl):
