@@ -521,7 +521,7 @@ async def test_observers_fill_disjoint_domains_and_failures_stay_unobserved() ->
     observing = Observing([UnitsObserver([unit("kubelet.service")]), Hanging(), Raising()],
                           timeout=0, host="cp-1")
     assert observing.unobserved == ("nodes", "pods", "apiserver", "health", "events",
-                                    "node_report")
+                                    "budgets", "node_report")
     with capture_logs() as logs:
         snapshot = await observing.snapshot(T0)
     assert snapshot.units == (unit("kubelet.service"),)

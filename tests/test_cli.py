@@ -173,7 +173,8 @@ def test_run_once_ticks_once_and_logs_json(
         "bus disabled: no identity to sign with", "starting", "ready", "tick"]
     assert {e["persona"] for e in events} == {"vera"}
     assert events[-1]["tick"] == 1
-    assert events[1]["not_observed"] == ["nodes", "pods", "units", "peers", "leases", "events"]
+    assert events[1]["not_observed"] == ["nodes", "pods", "units", "peers", "leases", "events",
+                                         "budgets"]
     assert (tmp_path / "state").is_dir()
 
 

@@ -98,7 +98,8 @@ class FakeApi:
 
     ``script[method]`` is consumed one entry per call of ``method`` (dry run or not):
     an exception is raised, None means answer normally. ``budget[pod]`` is how many
-    evictions of that pod a PodDisruptionBudget refuses (429) before allowing one.
+    evictions of that pod a PodDisruptionBudget refuses (429) before allowing one, once
+    the first ``spared`` evictions asked (a drain's pre-flight dry runs) have gone by.
     ``heartbeats`` is how many of the next node reads are followed by a change of the
     node (a kubelet's status update), so a patch carrying the read's resourceVersion
     conflicts. Evicted pods terminate and are gone at the next listing.
@@ -109,6 +110,7 @@ class FakeApi:
     workloads: dict[str, WorkloadState] = field(default_factory=dict)
     script: dict[str, list[Exception | None]] = field(default_factory=dict)
     budget: dict[str, int] = field(default_factory=dict)
+    spared: int = 0
     heartbeats: int = 0
     sent: list[Sent] = field(default_factory=list)
     patches: list[Patch] = field(default_factory=list)
@@ -171,7 +173,9 @@ class FakeApi:
 
     def evict(self, pod: PodState, *, dry_run: bool) -> None:
         self._serve("evict", pod.key, dry_run)
-        if self.budget.get(pod.key, 0) > 0:
+        if self.spared > 0:
+            self.spared -= 1
+        elif self.budget.get(pod.key, 0) > 0:
             self.budget[pod.key] -= 1
             raise api_error(429, "Cannot evict pod as it would violate the pod's disruption "
                                  "budget.")
@@ -361,7 +365,7 @@ async def test_other_api_errors_become_outcomes(case: str) -> None:
     api = world_for_every_case()
     # Whatever each actuator calls first fails.
     api.script = {m: [api_error(500, "etcdserver: request timed out")]
-                  for m in ("read_node", "delete_pod", "read_workload")}
+                  for m in ("read_node", "pods_on", "delete_pod", "read_workload")}
     outcome = await run(actuator(kind, api), make(False))
     assert not outcome.ok
     assert outcome.detail.endswith(": etcdserver: request timed out")
@@ -543,7 +547,8 @@ async def test_drain_cordons_then_evicts_and_skips_daemonset_and_mirror_pods() -
 async def test_drain_retries_evictions_a_budget_refuses_with_backoff() -> None:
     api = world()
     api.add_pod("w1", "web-3")
-    api.budget["default/web-1"] = 7  # 429 on the first seven tries (dry runs included)
+    api.spared = 2  # the pre-flight finds the budget open, then the drain's own use it up
+    api.budget["default/web-1"] = 7  # 429 on the next seven tries (dry runs included)
     clock = FakeTime()
     with capture_logs() as logs:
         outcome = await run(actuator(Drain, api, clock),
@@ -560,6 +565,7 @@ async def test_drain_retries_evictions_a_budget_refuses_with_backoff() -> None:
 
 async def test_drain_gives_up_at_its_deadline_and_says_what_is_left() -> None:
     api = world()
+    api.spared = 1
     api.budget["default/web-1"] = 1000
     clock = FakeTime()
     outcome = await run(actuator(Drain, api, clock),
@@ -635,6 +641,20 @@ async def test_drain_does_not_evict_a_pod_without_a_controller() -> None:
     assert ("evict", "default/web-1") in [(s.method, s.what) for s in api.changes]
 
 
+async def test_drain_refuses_to_start_when_the_budget_refuses_an_eviction_now() -> None:
+    api = world()
+    api.add_pod("w1", "web-3")
+    api.budget["default/web-3"] = 1
+    outcome = await run(actuator(Drain, api), intent("k8s.node.drain", node("w1"),
+                                                     drain_params(60)))
+    assert not outcome.ok
+    assert outcome.detail == (
+        "w1 not drained: the API server would refuse evicting default/web-3 (Cannot evict pod "
+        "as it would violate the pod's disruption budget.); nothing evicted")
+    assert api.changes == []  # not even the cordon
+    assert {(s.method, s.dry_run) for s in api.sent if s.method == "evict"} == {("evict", True)}
+
+
 async def test_drain_dry_run_reports_what_it_would_evict_and_what_is_blocked() -> None:
     api = world()
     api.add_pod("w1", "web-3")
@@ -644,8 +664,9 @@ async def test_drain_dry_run_reports_what_it_would_evict_and_what_is_blocked() -
     assert outcome.ok
     assert outcome.detail == (
         "dry-run (the API server accepted it): would cordon w1, annotated with repair R1 and "
-        "persona otto; would evict 1 pods (default/web-1); blocked now, would be retried: "
-        "default/web-3 (Cannot evict pod as it would violate the pod's disruption budget.); "
+        "persona otto; would evict 1 pods (default/web-1); would not start now, the API server "
+        "refuses evicting default/web-3 (Cannot evict pod as it would violate the pod's "
+        "disruption budget.); "
         "skipped: default/agent-x (DaemonSet pod (it would come straight back)), "
         "default/etcd-w1 (mirror pod (the kubelet runs it from a static manifest))")
     assert api.changes == []
@@ -903,6 +924,36 @@ async def test_drain_evicts_one_at_a_time_under_a_budget_and_skips_daemonset_pod
     assert target not in placed.values()
     assert running_on(core, k8s_namespace, "agent")[daemon_pod] == target
     assert read_node(core, target)["metadata"]["annotations"][REPAIR_ANNOTATION] == "01JDRAIN"
+
+
+async def test_a_drain_its_budget_refuses_changes_nothing_and_says_which_pod(
+        control_plane: ControlPlane, core: client.CoreV1Api, apps: client.AppsV1Api,
+        k8s_namespace: str, node_sim: NodeSimulator) -> None:
+    admin = ClientApi.from_kubeconfig(control_plane.admin_kubeconfig)
+    [target] = node_sim.add_nodes(1)
+    create_deployment(apps, k8s_namespace, "web", 2)
+    with admin_api(control_plane) as api:
+        policy = client.PolicyV1Api(api)
+        policy.create_namespaced_pod_disruption_budget(
+            k8s_namespace, client.V1PodDisruptionBudget.model_validate({
+                "metadata": {"name": "web"},
+                "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}}))
+        placed = ready_pods(core, k8s_namespace, "web", 2)
+        wait_for("the budget to be computed", lambda: as_json(
+            policy.read_namespaced_pod_disruption_budget("web", k8s_namespace),
+        ).get("status", {}).get("currentHealthy") == 2)
+    node_sim.add_nodes(1)  # room elsewhere: only the budget stands in the way
+    with capture_logs() as logs:
+        outcome = await run(Drain(admin, persona="otto", user="zeta-admin"),
+                            intent("k8s.node.drain", node(target), drain_params(60)))
+    assert not outcome.ok
+    assert outcome.detail.startswith(f"{target} not drained: the API server would refuse "
+                                     f"evicting {k8s_namespace}/")
+    assert "disruption budget" in outcome.detail
+    assert outcome.detail.endswith("; nothing evicted")
+    assert [e for e in logs if e["event"] == "kubernetes change made"] == []
+    assert not read_node(core, target)["spec"].get("unschedulable")
+    assert ready_pods(core, k8s_namespace, "web", 2) == placed
 
 
 async def test_drain_of_a_dead_node_returns_once_its_pods_are_replaced(

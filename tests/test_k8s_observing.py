@@ -389,8 +389,9 @@ async def test_the_tick_sees_the_list_then_watch_events_without_listing_again() 
     assert (nodes["worker-1"].heartbeat, nodes["worker-2"].heartbeat) == (at(5.25), at(9))
     assert data["pods"] == ()
     assert status == SourceStatus(ok=True, detail="3 nodes; 0 pods; 0 warning events; "
-                                                  "lists: nodes 1, leases 1, replicasets 1, "
-                                                  "pods 1, events 1")
+                                                  "0 disruption budgets; lists: nodes 1, "
+                                                  "leases 1, replicasets 1, pods 1, events 1, "
+                                                  "poddisruptionbudgets 1")
     # Each watch resumes where the last one ended: the list, then the bookmark.
     assert cluster["nodes"].watched_from == ["10", "15"]
     assert cluster["nodes"].lists == 1
@@ -432,7 +433,7 @@ async def test_nothing_is_shown_before_the_first_list() -> None:
     assert data == {}
     assert not status.ok
     assert status.detail.startswith("nodes: first list in progress; leases: first list")
-    assert "nodes, pods and events not observed" in status.detail
+    assert "nodes, pods, events and budgets not observed" in status.detail
     assert await cluster.observer.probes() == ()
 
 
@@ -471,7 +472,8 @@ async def test_cached_data_is_withheld_once_the_watch_has_failed_for_too_long() 
     assert [p.name for p in data["pods"]] == ["web-1"]  # its own streams are fine
     assert status.detail.endswith(
         f"nodes not observed: no fresh list and watch within {STALE:g}s; 1 pods; "
-        "0 warning events; lists: nodes 1, leases 1, replicasets 1, pods 1, events 1")
+        "0 warning events; 0 disruption budgets; lists: nodes 1, leases 1, replicasets 1, "
+        "pods 1, events 1, poddisruptionbudgets 1")
     with capture_logs() as logs:
         cluster.step("nodes")  # the server is back: a list, not a resumed watch
     assert [(e["event"], e["after_attempts"]) for e in logs] == [("watch recovered", 1)]
@@ -727,7 +729,8 @@ def list_counts(calls: Mapping[str, Counted]) -> dict[str, int]:
     return {name: call.lists for name, call in calls.items()}
 
 
-ONE_LIST_EACH = {"nodes": 1, "leases": 1, "replicasets": 1, "pods": 1, "events": 1}
+ONE_LIST_EACH = {"nodes": 1, "leases": 1, "replicasets": 1, "pods": 1, "events": 1,
+                 "poddisruptionbudgets": 1}
 
 
 @pytest.mark.slow
@@ -862,7 +865,7 @@ async def test_an_unreachable_api_server_is_an_observation_until_it_returns(
             blind = await until(observer, lambda o: o if "nodes" not in o.data else None,
                                 stale_after + 5, "stale nodes withheld")
             assert "pods" not in blind.data
-            assert "nodes, pods and events not observed" in blind.status.detail
+            assert "nodes, pods, events and budgets not observed" in blind.status.detail
         finally:
             control_plane.start_apiserver()
         await until(observer, lambda o: o.status.ok and nodes_named(o, names), 30,

@@ -135,7 +135,8 @@ def _all_reject(votes: list[dict[str, Any]], named: str) -> None:
         assert "quorum rule looser" in vote["body"]["reason"], vote["body"]["reason"]
         assert named in vote["body"]["reason"], vote["body"]["reason"]
         assert vote["body"]["required"] == {"approvals": 3, "veto": ["riven"],
-                                            "deadline": 30.0, "destructive": True}
+                                            "deadline": 30.0, "destructive": True,
+                                            "evidence": {"distinct": 1, "requires": []}}
 
 
 @pytest.mark.parametrize(("loosen", "named"), LOOSENED)

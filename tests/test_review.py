@@ -24,8 +24,9 @@ from runtime.core.engine import policy_digest
 from runtime.core.ports import Domain, Observed
 from runtime.core.review import Disruption, Facts, Outage
 from runtime.model.catalog import REPAIR_ANNOTATION
-from runtime.model.formats import Safety
+from runtime.model.formats import Safety, Selector
 from runtime.model.snapshot import (
+    BudgetObs,
     ContainerObs,
     LeaseObs,
     NodeCondition,
@@ -205,6 +206,61 @@ def test_etcd_quorum_never_passes_a_stop_that_loses_quorum(healthy: list[bool],
         assert check.passed == (left >= len(members) // 2 + 1)
     else:
         assert check.passed  # a member already down loses nothing by its repair
+
+
+# ---------------------------------------------------------------- pdb
+
+
+def budget(name: str = "web", *, allowed: int = 1, healthy: int = 3, desired: int = 2,
+           app: str | None = "web", always: bool = False, current: bool = True) -> BudgetObs:
+    return BudgetObs(namespace="default", name=name, disruptions_allowed=allowed,
+                     current_healthy=healthy, desired_healthy=desired,
+                     selector=None if app is None else Selector(matchLabels={"app": app}),
+                     always_allow_unhealthy=always, current=current)
+
+
+def labelled(pod: PodObs, app: str) -> PodObs:
+    return pod.model_copy(update={"labels": {"app": app}})
+
+
+def test_a_budget_with_no_disruption_left_blocks_the_drain_of_a_healthy_pod() -> None:
+    pods = [labelled(workload_pod("web-1", "n0", "web"), "web"),
+            labelled(workload_pod("web-2", "n1", "web"), "web"),
+            labelled(workload_pod("db-1", "n0", "db"), "db")]
+    check = review.pdb(Facts(**{**vars(facts(DRAIN, pods=pods)),
+                                "budgets": (budget(allowed=0, healthy=2),)}))
+    assert not check.passed
+    assert check.reason == (
+        "the disruption budgets refuse evicting 1 pod(s) from n0: default/web-1 "
+        "(PodDisruptionBudget default/web: 0 disruptions allowed (2 healthy, 2 desired))")
+    assert check.numbers == {"pods_moved": 2, "covered": 1, "refused": ["default/web-1"]}
+    allowed = Facts(**{**vars(facts(DRAIN, pods=pods)), "budgets": (budget(),)})
+    assert review.pdb(allowed).passed
+    assert review.pdb(Facts(**{**vars(facts(CORDON, pods=pods)),
+                               "budgets": (budget(allowed=0),)})).passed  # moves no pods
+
+
+def test_an_unhealthy_pod_goes_only_while_its_budget_is_healthy_unless_always_allowed() -> None:
+    sick = [labelled(workload_pod("web-1", "n0", "web", ready=False), "web")]
+
+    def judged(*budgets: BudgetObs) -> bool:
+        return review.pdb(Facts(**{**vars(facts(DRAIN, pods=sick)), "budgets": budgets})).passed
+
+    assert judged(budget(allowed=0, healthy=2, desired=2))  # budget healthy: it may go
+    assert not judged(budget(allowed=0, healthy=1, desired=2))
+    assert judged(budget(allowed=0, healthy=1, desired=2, always=True))
+    assert not judged(budget(current=False))  # its status lags: everything refused
+    assert judged(budget(allowed=0, app=None))  # a null selector covers nothing
+    two = review.pdb(Facts(**{**vars(facts(DRAIN, pods=sick)),
+                              "budgets": (budget(), budget("web-too"))}))
+    assert not two.passed
+    assert "covered by 2 PodDisruptionBudgets (default/web, default/web-too)" in two.reason
+
+
+def test_unobserved_budgets_block_a_drain() -> None:
+    check = review.pdb(Facts(**{**vars(facts(DRAIN)), "budgets": None}))
+    assert (check.passed, check.reason) == (
+        False, "disruption budgets not observed: I cannot check pdb")
 
 
 # ---------------------------------------------------------------- last-replica and capacity

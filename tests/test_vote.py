@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bus.messages import Proposal, QuorumRule, Target
+from bus.messages import EvidenceRule, Proposal, QuorumRule, Target
 from runtime.core.detecting import Detection, Match
 from runtime.core.engine import policy_digest
 from runtime.core.review import Check
@@ -113,6 +113,23 @@ def test_a_deadline_beyond_the_policys_is_looser() -> None:
     vote = screened(rule, proposal(rule, quorum=late))
     assert vote is not None
     assert "the policy allows 30s" in vote.reason
+
+
+def test_a_stolen_proposer_key_cannot_drop_the_policys_evidence_paths() -> None:
+    base = cordon_policy()
+    remedy = {"action": "k8s.node.cordon",
+              "quorum": {"approvals": 3, "veto": ["riven"], "deadline": "30s",
+                         "evidence": {"distinct": 2, "requires": ["host"]}}}
+    rule = base.model_copy(update={"spec": base.spec.model_copy(update={
+        "remedies": (type(base.spec.remedies[0]).model_validate(remedy),)})})
+    vote = screened(rule, proposal(rule))  # the proposal asks no paths at all
+    assert vote is not None
+    assert vote.reason == (
+        "quorum rule looser than step 0 of node-not-ready: asks 1 distinct evidence paths, "
+        "the policy 2; drops the required evidence path host")
+    honest = QuorumRule(approvals=3, veto=("riven",), deadline=at(30),
+                        evidence=EvidenceRule(distinct=2, requires=("host",)))
+    assert screened(rule, proposal(rule, quorum=honest)) is None
 
 
 def test_a_stricter_rule_passes() -> None:

@@ -56,7 +56,7 @@ def test_every_message_gets_one_line_saying_what_it_says() -> None:
         f"06:00:01 {REPAIR} alexa votes approve: confirmed from cp-2: node worker-1 "
         "Ready=Unknown for 3m [seen by apiserver, network]  [pending: 2/3 approvals so far]",
         f"06:00:01 {REPAIR} riven votes approve: confirmed from cp-3: node worker-1 "
-        "Ready=Unknown for 3m (8/8 review checks pass) [seen by apiserver, network]  "
+        "Ready=Unknown for 3m (9/9 review checks pass) [seen by apiserver, network]  "
         "[approved: 3/3 approvals, no veto, evidence by apiserver, network]",
         f"06:00:01 {REPAIR} otto decided APPROVED: 3/3 approvals, no veto, evidence by "
         "apiserver, network "

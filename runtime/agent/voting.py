@@ -166,7 +166,8 @@ class Voter:
             return confirmed
         checks = review.review(review.Facts(
             disruption=disruption, nodes=snapshot.nodes, pods=snapshot.pods,
-            leases=snapshot.leases, safety=self.config.fleet.spec.safety,
+            leases=snapshot.leases, budgets=snapshot.budgets,
+            safety=self.config.fleet.spec.safety,
             outage=self.observing.outage, now=snapshot.at,
             apiserver_down=review.reachable(snapshot.apiserver) is False))
         for check in checks:

@@ -17,6 +17,7 @@ from runtime.core.engine import Intent
 from runtime.model.catalog import lookup
 from runtime.model.snapshot import (
     ApiProbe,
+    BudgetObs,
     EventObs,
     HostHealth,
     LeaseObs,
@@ -42,7 +43,7 @@ def utc_now() -> datetime:
 # ---------------------------------------------------------------- observing
 
 Domain = Literal["nodes", "pods", "apiserver", "units", "peers", "leases", "health",
-                 "events", "node_report"]
+                 "events", "budgets", "node_report"]
 DOMAINS: tuple[Domain, ...] = get_args(Domain)
 
 
@@ -57,6 +58,7 @@ class Contribution(TypedDict, total=False):
     leases: tuple[LeaseObs, ...]
     health: HostHealth
     events: tuple[EventObs, ...]
+    budgets: tuple[BudgetObs, ...]
     node_report: NodeReport
 
 

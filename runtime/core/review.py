@@ -24,10 +24,18 @@ from bus.messages import Target
 from runtime.core.detecting import JSON, is_ready
 from runtime.model.catalog import REPAIR_ANNOTATION
 from runtime.model.formats import Safety
-from runtime.model.snapshot import NO_RESOURCES, ApiProbe, LeaseObs, NodeObs, PodObs, Resources
+from runtime.model.snapshot import (
+    NO_RESOURCES,
+    ApiProbe,
+    BudgetObs,
+    LeaseObs,
+    NodeObs,
+    PodObs,
+    Resources,
+)
 
 CheckName = Literal["last-control-plane", "one-control-plane-at-a-time", "etcd-quorum",
-                    "last-replica", "capacity", "failure-domain", "disruption-budget",
+                    "pdb", "last-replica", "capacity", "failure-domain", "disruption-budget",
                     "observer-outage"]
 
 CONTROL_PLANE_LABELS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
@@ -134,6 +142,7 @@ class Facts:
     outage: Outage | None
     now: datetime
     apiserver_down: bool = False  # the reviewer's own probes all failed in this snapshot
+    budgets: tuple[BudgetObs, ...] | None = ()  # PodDisruptionBudgets (None: not observed)
 
     @property
     def moot(self) -> str | None:
@@ -289,6 +298,62 @@ def etcd_quorum(facts: Facts) -> Check:
                              f"(quorum {need})", numbers)
 
 
+def _refusal(budget: BudgetObs, healthy: bool) -> str | None:
+    """Why the Eviction API would refuse evicting a pod ``budget`` covers now, or None.
+
+    A healthy pod needs a disruption allowed; an unhealthy one only a budget that is
+    itself healthy (``IfHealthyBudget``, the default), unless the budget always allows
+    unhealthy pods to go. A budget whose status lags its spec refuses everything.
+    """
+    if not budget.current:
+        return "its status has not caught up with its spec"
+    if healthy and budget.disruptions_allowed < 1:
+        return (f"0 disruptions allowed ({budget.current_healthy} healthy, "
+                f"{budget.desired_healthy} desired)")
+    if not healthy and not budget.always_allow_unhealthy \
+            and budget.current_healthy < budget.desired_healthy:
+        return (f"the budget itself is short ({budget.current_healthy} healthy, "
+                f"{budget.desired_healthy} desired), so even an unhealthy pod may not go")
+    return None
+
+
+def pdb(facts: Facts) -> Check:
+    """Every pod the disruption moves must be one its PodDisruptionBudgets let go: a
+    drain they refuse stalls with the node half drained (the executor also asks the
+    API server, by a dry-run eviction of each pod, before it evicts the first)."""
+    name: CheckName = "pdb"
+    if not facts.disruption.evicts:
+        return Check(name, True, f"a {facts.disruption.how} moves no pods", {})
+    if facts.pods is None:
+        return _unknown(name, "pods", facts)
+    if facts.budgets is None:
+        return _unknown(name, "disruption budgets", facts)
+    node = facts.disruption.node
+    moving = [p for p in facts.pods if _evicted(p, node)]
+    refused: dict[str, str] = {}
+    covered = 0
+    for pod in moving:
+        budgets = [b for b in facts.budgets if b.namespace == pod.namespace
+                   and b.selector is not None and b.selector.matches(pod.labels)]
+        covered += bool(budgets)
+        where = f"{pod.namespace}/{pod.name}"
+        if len(budgets) > 1:
+            refused[where] = (f"covered by {len(budgets)} PodDisruptionBudgets "
+                              f"({', '.join(sorted(b.key for b in budgets))}), which the "
+                              "Eviction API refuses")
+        elif budgets and (why := _refusal(budgets[0], _running_ready(pod))) is not None:
+            refused[where] = f"PodDisruptionBudget {budgets[0].key}: {why}"
+    numbers: dict[str, JSON] = {"pods_moved": len(moving), "covered": covered,
+                                "refused": _names(refused)}
+    if refused:
+        first = sorted(refused)[:LISTED]
+        return Check(name, False, f"the disruption budgets refuse evicting {len(refused)} "
+                                  f"pod(s) from {node}: " + "; ".join(
+                                      f"{pod} ({refused[pod]})" for pod in first), numbers)
+    return Check(name, True, f"the disruption budgets let all {len(moving)} pod(s) on "
+                             f"{node} go", numbers)
+
+
 def last_replica(facts: Facts) -> Check:
     name: CheckName = "last-replica"
     if not facts.disruption.evicts:
@@ -436,6 +501,7 @@ CHECKS: tuple[tuple[CheckName, Rule], ...] = (
     ("last-control-plane", last_control_plane),
     ("one-control-plane-at-a-time", one_control_plane_at_a_time),
     ("etcd-quorum", etcd_quorum),
+    ("pdb", pdb),
     ("last-replica", last_replica),
     ("capacity", capacity),
     ("failure-domain", failure_domain),

@@ -24,7 +24,7 @@ import asyncio
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -338,6 +338,11 @@ class Session:
         """Make a call that changes nothing."""
         return await self._send(call, lambda: request(self.api))
 
+    async def rehearse(self, call: Call, request: Callable[[KubeApi, bool], object]) -> None:
+        """Ask the API server whether a change would be accepted (``dryRun=All``),
+        changing nothing; raises what it would refuse with."""
+        await self._send(call, lambda: request(self.api, True))
+
     async def change(self, call: Call, request: Callable[[KubeApi, bool], object]) -> None:
         """Make a change: dry run first; then, unless this is a dry run, fence and for real.
 
@@ -554,15 +559,36 @@ async def _pods_on(session: Session, node: str) -> list[PodState]:
     return await session.read(Call("list", "pods", f"on {node}"), lambda api: api.pods_on(node))
 
 
+def _eviction(pod: PodState) -> tuple[Call, Callable[[KubeApi, bool], None]]:
+    return (Call("create", "pods/eviction", pod.key),
+            lambda api, dry: api.evict(pod, dry_run=dry))
+
+
 async def _evict(session: Session, pod: PodState) -> None:
-    await session.change(Call("create", "pods/eviction", pod.key),
-                         lambda api, dry: api.evict(pod, dry_run=dry))
+    await session.change(*_eviction(pod))
+
+
+async def refused_evictions(session: Session, pods: Iterable[PodState]) -> dict[str, str]:
+    """The pods whose eviction the API server would refuse now (a dry run of each, so
+    every PodDisruptionBudget is judged by the API server itself), and why."""
+    refused: dict[str, str] = {}
+    for pod in pods:
+        try:
+            await session.rehearse(*_eviction(pod))
+        except (TooManyRequestsError, ConflictError) as exc:
+            refused[pod.key] = exc.message
+        except NotFoundError:
+            pass  # gone already
+    return refused
 
 
 class Drain(KubernetesActuator):
     """``k8s.node.drain``: cordon, then evict every evictable pod, honouring PDBs.
 
-    Only the Eviction API is used, never a delete, so PodDisruptionBudgets hold: an
+    Only the Eviction API is used, never a delete, so PodDisruptionBudgets hold. Before
+    anything changes, every eviction is asked for as a server-side dry run: when a budget
+    refuses one now, the drain does not start (a drain that a budget stalls leaves the
+    node cordoned and half drained for its whole timeout). During the drain, an
     eviction answered 429 is tried again with backoff until ``params.timeout``. The
     node's pods are listed again each round: evicted ones are waited for until they are
     gone, and pods that arrived meanwhile are evicted too. On a node that is not Ready
@@ -588,6 +614,12 @@ class Drain(KubernetesActuator):
         timeout = intent.params.timeout
         started = self._clock()
         deadline = started + timeout.total_seconds()
+        if not session.dry_run:
+            await _read_node(session, node)  # opted out, or gone: nothing is asked of it
+            plan = plan_drain(await _pods_on(session, node))
+            if refused := await refused_evictions(session, plan.evict):
+                return Outcome(False, f"{node} not drained: the API server would refuse "
+                                      f"evicting {self._reasons(refused)}; nothing evicted")
         cordon = await ensure_cordoned(session, node, repair=repair, persona=self.persona)
         if session.dry_run:
             return await self._dry_run(session, cordon, plan_drain(await _pods_on(session, node)))
@@ -647,7 +679,8 @@ class Drain(KubernetesActuator):
                 blocked[pod.key] = exc.message
         parts = [cordon, f"would evict {len(would)} pods ({', '.join(would) or 'none'})"]
         if blocked:
-            parts.append(f"blocked now, would be retried: {self._reasons(blocked)}")
+            parts.append(f"would not start now, the API server refuses evicting "
+                         f"{self._reasons(blocked)}")
         return Outcome(True, "; ".join(parts + self._leftovers(plan)))
 
     @staticmethod

@@ -36,13 +36,15 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from bus.messages import Target, TargetKind
 from runtime.core.ports import Contribution, Domain, Observed
 from runtime.kube.client import KubeconfigError, load_client
+from runtime.model.formats import Selector
 from runtime.model.snapshot import (
     ApiProbe,
+    BudgetObs,
     ContainerObs,
     EventObs,
     NodeCondition,
@@ -78,7 +80,8 @@ NODE_LEASES = Resource(
 REPLICASETS = Resource("replicasets", "/apis/apps/v1/replicasets")
 PODS = Resource("pods", "/api/v1/pods")
 EVENTS = Resource("events", "/api/v1/events?fieldSelector=type%3DWarning")
-RESOURCES = (NODES, NODE_LEASES, REPLICASETS, PODS, EVENTS)
+BUDGETS = Resource("poddisruptionbudgets", "/apis/policy/v1/poddisruptionbudgets")
+RESOURCES = (NODES, NODE_LEASES, REPLICASETS, PODS, EVENTS, BUDGETS)
 
 DOMAIN_SOURCES: dict[Domain, tuple[str, ...]] = {
     # Heartbeats are part of what a node is shown with, and owners part of a pod: a
@@ -86,13 +89,14 @@ DOMAIN_SOURCES: dict[Domain, tuple[str, ...]] = {
     "nodes": (NODES.name, NODE_LEASES.name),
     "pods": (PODS.name, REPLICASETS.name),
     "events": (EVENTS.name,),
+    "budgets": (BUDGETS.name,),
 }
 
 
 def endpoints(api: client.ApiClient) -> dict[str, ListCall]:
     """The list calls behind each resource, for one API client."""
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
-    coordination = client.CoordinationV1Api(api)
+    coordination, policy = client.CoordinationV1Api(api), client.PolicyV1Api(api)
     return {
         NODES.name: core.list_node,
         NODE_LEASES.name: functools.partial(coordination.list_namespaced_lease,
@@ -103,6 +107,7 @@ def endpoints(api: client.ApiClient) -> dict[str, ListCall]:
         # Warnings are the evidence, and a small fraction of them.
         EVENTS.name: functools.partial(core.list_event_for_all_namespaces,
                                        field_selector="type=Warning"),
+        BUDGETS.name: policy.list_pod_disruption_budget_for_all_namespaces,
     }
 
 
@@ -276,6 +281,31 @@ def event_obs(obj: JSON) -> EventObs:
                   count=int(obj.get("count") or series.get("count") or 1), last_seen=seen)
 
 
+def budget_obs(obj: JSON) -> BudgetObs:
+    """A PodDisruptionBudget as the review checks see it. A selector this agent cannot
+    read is taken to select every pod of its namespace: a budget misread as covering
+    too much blocks a drain, one misread as covering nothing would let it break."""
+    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    selector: Selector | None = None
+    if spec.get("selector") is not None:
+        try:
+            selector = Selector.model_validate(spec["selector"])
+        except ValidationError:
+            selector = Selector()
+    generation = meta.get("generation") or 0
+    return BudgetObs(
+        namespace=_text(meta.get("namespace")), name=_text(meta["name"]), selector=selector,
+        disruptions_allowed=_count(status.get("disruptionsAllowed")),
+        current_healthy=_count(status.get("currentHealthy")),
+        desired_healthy=_count(status.get("desiredHealthy")),
+        always_allow_unhealthy=spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow",
+        current=_count(status.get("observedGeneration")) >= generation)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def controller(obj: JSON) -> tuple[str, str] | None:
     """The kind and name of the object's controlling owner, if it has one."""
     for ref in obj["metadata"].get("ownerReferences") or ():
@@ -287,7 +317,7 @@ def controller(obj: JSON) -> tuple[str, str] | None:
 def key(resource: str, obj: JSON) -> Key:
     """The cache key of an object: its name, or (namespace, name) for namespaced kinds."""
     meta = obj["metadata"]
-    if resource in (PODS.name, REPLICASETS.name, EVENTS.name):
+    if resource in (PODS.name, REPLICASETS.name, EVENTS.name, BUDGETS.name):
         return _text(meta["namespace"]), str(meta["name"])
     return _text(meta["name"])
 
@@ -307,6 +337,7 @@ class Cache:
         self.nodes: dict[str, NodeObs] = {}
         self.pods: dict[tuple[str, str], PodObs] = {}
         self.events: dict[tuple[str, str], EventObs] = {}
+        self.budgets: dict[tuple[str, str], BudgetObs] = {}
         self._heartbeats: dict[str, datetime] = {}
         self._deployments: dict[tuple[str, str], str | None] = {}
         # Pods whose ReplicaSet this cache has not seen yet (its watch is a separate
@@ -346,7 +377,7 @@ class Cache:
         stores: dict[str, Mapping[Any, object]] = {
             NODES.name: self.nodes, NODE_LEASES.name: self._heartbeats,
             PODS.name: self.pods, REPLICASETS.name: self._deployments,
-            EVENTS.name: self.events}
+            EVENTS.name: self.events, BUDGETS.name: self.budgets}
         return set(stores[resource])
 
     def _put(self, resource: str, obj: JSON) -> Key:
@@ -363,6 +394,8 @@ class Cache:
             self.pods[k] = pod_obs(obj, self._owner(k, controller(obj)))
         elif resource == EVENTS.name:
             self.events[k] = event_obs(obj)
+        elif resource == BUDGETS.name:
+            self.budgets[k] = budget_obs(obj)
         else:
             self._put_replicaset(k, controller(obj))
         return k
@@ -378,6 +411,8 @@ class Cache:
             self.pods.pop(k, None)
         elif resource == EVENTS.name:
             self.events.pop(k, None)
+        elif resource == BUDGETS.name:
+            self.budgets.pop(k, None)
         else:
             self._deployments.pop(k, None)
             self._unresolved.pop(k, None)
@@ -756,6 +791,9 @@ class KubernetesObserver:
             if fresh.issuperset(DOMAIN_SOURCES["events"]):
                 data["events"] = tuple(self.cache.events.values())
                 shown.append(f"{len(data['events'])} warning events")
+            if fresh.issuperset(DOMAIN_SOURCES["budgets"]):
+                data["budgets"] = tuple(self.cache.budgets.values())
+                shown.append(f"{len(data['budgets'])} disruption budgets")
         problems = [f"{name}: the watch thread has died" for name in dead]
         problems += [p for state in states.values() if (p := state.problem(now))]
         withheld = [d for d in DOMAIN_SOURCES if d not in data]

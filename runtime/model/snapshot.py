@@ -13,6 +13,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from bus.messages import NodeReport, Target
+from runtime.model.formats import Selector
 
 
 class Obs(BaseModel):
@@ -81,6 +82,27 @@ class PodObs(Obs):
     requests: Resources = Field(
         default=NO_RESOURCES, description="The sum of its containers' requests (the "
                                           "larger of that and any init container's).")
+
+
+class BudgetObs(Obs):
+    """A PodDisruptionBudget, as the Eviction API will judge an eviction by it."""
+
+    namespace: str
+    name: str
+    selector: Selector | None = Field(
+        default=None, description="None: it selects no pod (a null selector in policy/v1).")
+    disruptions_allowed: int = 0
+    current_healthy: int = 0
+    desired_healthy: int = 0
+    always_allow_unhealthy: bool = Field(
+        default=False, description="unhealthyPodEvictionPolicy: AlwaysAllow.")
+    current: bool = Field(
+        default=True, description="Its status has caught up with its spec (observedGeneration); "
+                                  "until then the Eviction API refuses every eviction it covers.")
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 class ApiProbe(Obs):
@@ -157,6 +179,7 @@ class Snapshot(Obs):
     leases: tuple[LeaseObs, ...] | None = None
     health: HostHealth | None = None
     events: tuple[EventObs, ...] | None = None
+    budgets: tuple[BudgetObs, ...] | None = None
     node_report: NodeReport | None = Field(
         default=None, description="This host's own kubelet, if it runs one (its heartbeat's).")
     sources: dict[str, SourceStatus] = Field(default_factory=dict)
