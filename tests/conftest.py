@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, settings
 from bus.connection import Connection
 from bus.jetstream import Settings, ensure
 from lab.natsserver import NatsServer
+from tests.fleets import api, start_fleet  # noqa: F401
 from tests.healthz import healthz  # noqa: F401
 from tests.k8s import control_plane, k8s_binaries, k8s_namespace, node_sim  # noqa: F401
 

@@ -12,72 +12,25 @@ Every wait is bounded and every process is stopped however a test ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from kubernetes import client
 
-from lab import fleet as harness
 from lab.controlplane import ControlPlane
-from lab.fleet import AgentFleet, wait_until
-from lab.natsserver import NatsServer
+from lab.fleet import AgentFleet
 from lab.nodesim import JsonApi, NodeSimulator
 from runtime.kube.acting import RESTARTED_AT
 from runtime.model.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION
 from runtime.ops import audit as auditing
-from tests.conftest import REPO
-from tests.k8s import admin_api, admin_json, deployment
-from tests.test_fleet_quorum import NAMES
+from tests.fleets import NAMES, FleetStarter, create_deployment, eventually, node_of, until
+from tests.k8s import admin_api
 from tests.test_k8s_acting import ReadyCounter, is_ready
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
 
 DESTRUCTIVE_CALLS = ("patch nodes", "create pods/eviction", "delete pods", "patch deployments")
-
-
-async def until(check: Callable[[], T | None], within: float, what: str) -> T:
-    """``lab.fleet.wait_until``, failing the test when it times out."""
-    try:
-        return await wait_until(check, within, what)
-    except TimeoutError as exc:
-        pytest.fail(str(exc))
-
-
-FleetStarter = Callable[..., Awaitable[AgentFleet]]
-
-
-@pytest.fixture
-async def start_fleet(tmp_path: Path, nats_server: NatsServer,
-                              control_plane: ControlPlane) -> AsyncIterator[FleetStarter]:
-    """Start the five personas as processes (``policies`` update the harness's POLICIES,
-    ``fleet`` the fleet's spec, ``env`` adds to a persona's environment); all stopped
-    after, and each must exit 0."""
-    started: list[AgentFleet] = []
-
-    async def start(policies: Mapping[str, Mapping[str, Any]] | None = None, *,
-                    fleet: Mapping[str, Any] | None = None,
-                    env: Mapping[str, Mapping[str, str]] | None = None) -> AgentFleet:
-        config_dir = harness.prepare_fleet(tmp_path, nats_server.url, control_plane.url,
-                                           source=REPO, policies=policies, fleet=fleet)
-        fleet_ = await harness.start_fleet(config_dir, tmp_path, nats_server.url,
-                                           control_plane, env=env)
-        started.append(fleet_)
-        await fleet_.wait_ready()
-        return fleet_
-
-    yield start
-    for fleet in started:
-        codes = await fleet.stop()
-        assert codes == dict.fromkeys(NAMES, 0), f"unclean exits {codes}\n{fleet.dump()}"
-
-
-@pytest.fixture
-def api(control_plane: ControlPlane) -> Iterator[JsonApi]:
-    with admin_json(control_plane) as json_api:
-        yield json_api
 
 
 # ---------------------------------------------------------------- cluster helpers
@@ -105,25 +58,15 @@ def _all_ready(api: JsonApi, namespace: str, app: str, count: int, *,
 
 def _uncordoned(api: JsonApi, name: str) -> dict[str, Any] | None:
     """The node once it is schedulable and carries no repair annotation."""
-    node = _node(api, name)
+    node = node_of(api, name)
     annotations = node["metadata"].get("annotations", {})
     return None if node["spec"].get("unschedulable") or REPAIR_ANNOTATION in annotations \
         else node
 
 
-def _node(api: JsonApi, name: str) -> dict[str, Any]:
-    node: dict[str, Any] = api.call("GET", f"/api/v1/nodes/{name}")
-    return node
-
-
 def _node_ready(api: JsonApi, name: str) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True"
-               for c in _node(api, name)["status"].get("conditions", []))
-
-
-def _create(api: JsonApi, namespace: str, name: str, replicas: int) -> None:
-    api.call("POST", f"/apis/apps/v1/namespaces/{namespace}/deployments",
-             body=deployment(name, replicas))
+               for c in node_of(api, name)["status"].get("conditions", []))
 
 
 def _of(audit: list[dict[str, Any]], kind: str, action: str | None = None
@@ -142,7 +85,7 @@ async def test_a_dead_node_is_cordoned_drained_under_its_pdb_then_uncordoned_by_
         start_fleet: FleetStarter, api: JsonApi, control_plane: ControlPlane,
         k8s_namespace: str, node_sim: NodeSimulator) -> None:
     node_sim.add_nodes(5)  # one of five down is 20%: under the 30% breaker
-    _create(api, k8s_namespace, "web", 3)
+    create_deployment(api, k8s_namespace, "web", 3)
     api.call("POST", f"/apis/policy/v1/namespaces/{k8s_namespace}/poddisruptionbudgets",
              body={"metadata": {"name": "web"},
                    "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}})
@@ -169,7 +112,7 @@ async def test_a_dead_node_is_cordoned_drained_under_its_pdb_then_uncordoned_by_
                         "a replacement off the victim")
         finally:
             node_sim.resume_heartbeats(victim)
-        cordoned = _node(api, victim)
+        cordoned = node_of(api, victim)
         assert cordoned["spec"].get("unschedulable") is True
         assert cordoned["metadata"]["annotations"][PERSONA_ANNOTATION] == "otto"
         await until(lambda: _node_ready(api, victim), 30, f"{victim} Ready again")
@@ -222,18 +165,6 @@ async def test_a_dead_node_is_cordoned_drained_under_its_pdb_then_uncordoned_by_
                            roster.voters) == []
 
 
-async def _eventually(attempt: Callable[[], Awaitable[T | None]], within: float,
-                      what: str) -> T:
-    """Await ``attempt`` until it returns something, every half second, failing the test
-    after ``within`` seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while (result := await attempt()) is None:
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"not within {within:g}s: {what}")
-        await asyncio.sleep(0.5)
-    return result
-
-
 async def _cordon_decision(fleet: AgentFleet) -> dict[str, Any] | None:
     """The first decision on a cordon in the audit stream, once there is one."""
     decisions = _of(await fleet.audit(), "decision", "k8s.node.cordon")
@@ -249,7 +180,7 @@ async def test_the_api_servers_word_alone_does_not_cordon_a_node_whose_kubelet_a
     # answers a probe. Nobody on the node speaks for it: one path, two asked.
     node_sim.stop_heartbeats(victim, port_open=True)
     try:
-        decision = await _eventually(lambda: _cordon_decision(fleet), 90,
+        decision = await eventually(lambda: _cordon_decision(fleet), 90,
                                      f"a decision on cordoning {victim}\n{fleet.dump()}")
     finally:
         node_sim.resume_heartbeats(victim)
@@ -259,7 +190,7 @@ async def test_the_api_servers_word_alone_does_not_cordon_a_node_whose_kubelet_a
     for vote in _of(audit, "vote", "k8s.node.cordon"):
         assert vote["body"]["evidence"]["unconfirmed"]["network"].endswith(
             "accepts connections"), vote
-    assert not _node(api, victim)["spec"].get("unschedulable")
+    assert not node_of(api, victim)["spec"].get("unschedulable")
     assert [e for e in fleet.kubernetes_changes() if e["call"] == "patch nodes"] == []
 
 
@@ -277,7 +208,7 @@ async def test_a_healthy_report_from_the_nodes_own_agent_stops_the_cordon(
                 f"lior's heartbeat to report on {victim}")
     node_sim.stop_heartbeats(victim)  # the API server sees it NotReady, its port refuses
     try:
-        decision = await _eventually(lambda: _cordon_decision(fleet), 90,
+        decision = await eventually(lambda: _cordon_decision(fleet), 90,
                                      f"a decision on cordoning {victim}\n{fleet.dump()}")
     finally:
         node_sim.resume_heartbeats(victim)
@@ -300,8 +231,8 @@ async def test_a_crash_looping_deployment_is_restarted_after_a_quorum(
         start_fleet: FleetStarter, api: JsonApi, k8s_namespace: str,
         node_sim: NodeSimulator) -> None:
     node_sim.add_nodes(3)
-    _create(api, k8s_namespace, "web", 3)  # healthy neighbours: a small unhealthy fraction
-    _create(api, k8s_namespace, "flaky", 1)
+    create_deployment(api, k8s_namespace, "web", 3)  # healthy neighbours: small unhealthy fraction
+    create_deployment(api, k8s_namespace, "flaky", 1)
     await until(lambda: len(_ready_on(api, k8s_namespace, "web")) == 3, 30, "3 web pods")
     [pod] = await until(lambda: list(_ready_on(api, k8s_namespace, "flaky")), 30, "a flaky pod")
     fleet = await start_fleet()
@@ -336,7 +267,7 @@ async def test_forty_percent_of_nodes_down_trips_the_breaker_and_nothing_is_drai
                  if e["event"] == "breaker.tripped" and e["policy"] == "node-not-ready"]
     assert tripped["policy"] == "node-not-ready"
     assert "2/5 unhealthy" in tripped["reason"], tripped
-    assert not any(_node(api, n)["spec"].get("unschedulable") for n in nodes)
+    assert not any(node_of(api, n)["spec"].get("unschedulable") for n in nodes)
     audit = await fleet.audit()
     assert _of(audit, "started") == [], "nothing destructive may start"
     assert fleet.kubernetes_changes() == []

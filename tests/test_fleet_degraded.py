@@ -28,7 +28,8 @@ from runtime.core.ports import Domain, Observed, Observer, Outcome
 from runtime.model.snapshot import ApiProbe, SourceStatus, UnitObs
 from tests.builders import RecordingActuator
 from tests.conftest import REPO
-from tests.test_fleet_quorum import NAMES, Fleet, _audit, _closed_port, _until
+from tests.fleets import NAMES
+from tests.test_fleet_quorum import Fleet, _audit, _closed_port, _until
 
 pytestmark = pytest.mark.slow
 

@@ -39,9 +39,9 @@ from runtime.model.formats import PeerSilentDetect
 from runtime.model.snapshot import ApiProbe, Snapshot, SourceStatus
 from tests.builders import RecordingActuator
 from tests.conftest import REPO
+from tests.fleets import NAMES
 
 pytestmark = pytest.mark.slow
-NAMES = ("otto", "alexa", "riven", "vera", "lior")
 
 
 def _closed_port() -> int:

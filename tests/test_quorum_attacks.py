@@ -51,7 +51,8 @@ from runtime.config.loading import ConfigSet, config_paths, load
 from runtime.core.engine import policy_digest
 from runtime.ops.watch import describe
 from tests.conftest import REPO
-from tests.test_fleet_quorum import NAMES, _closed_port, _until
+from tests.fleets import NAMES
+from tests.test_fleet_quorum import _closed_port, _until
 
 pytestmark = pytest.mark.slow
 OPERATOR = "oncall"

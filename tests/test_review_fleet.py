@@ -1,0 +1,182 @@
+"""The review checks where they matter: Riven's veto, on a real API server, five agent processes.
+
+The same fleet as test_e2e_k8s (``lab.fleet``: each persona a process, its own
+kubeconfig and RBAC, a real nats-server, the node simulator's kubelets with real
+ports). In each scenario the API server and a second path (a refused kubelet port)
+agree a node is down, so every voter confirms it: what stops the repair, or lets only
+one through, is a review check, named in Riven's block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from lab import fleet as harness
+from lab.fleet import AgentFleet
+from lab.nodesim import JsonApi, NodeSimulator
+from runtime.core.review import CONTROL_PLANE_LABELS, ZONE_LABEL
+from runtime.model.catalog import REPAIR_ANNOTATION
+from tests.fleets import FleetStarter, create_deployment, eventually, node_of, until
+
+pytestmark = pytest.mark.slow
+
+CP = {CONTROL_PLANE_LABELS[0]: ""}
+CP_TAINT = {"key": CONTROL_PLANE_LABELS[0], "effect": "NoSchedule"}
+CORDON = {"action": "k8s.node.cordon", "quorum": harness.NODE_QUORUM,
+          "verify": {"within": "2s", "expect": "finding-cleared"}}
+DRAIN = {"action": "k8s.node.drain", "params": {"timeout": "30s"}, "quorum": harness.NODE_QUORUM,
+         "verify": {"within": "3s", "expect": "finding-cleared"}}
+
+
+def ladder(*remedies: Mapping[str, Any]) -> dict[str, Any]:
+    """node-not-ready with these remedies (short verify windows: one step after another)."""
+    return {"node-not-ready": {**harness.NODE_NOT_READY, "remedies": list(remedies)}}
+
+
+async def _decision_on(fleet: AgentFleet, action: str, node: str) -> dict[str, Any] | None:
+    """The first decision on ``action`` for ``node``, with its votes, once there is one."""
+    audit = await fleet.audit()
+    repairs = [m["repair"] for m in audit if m["kind"] == "proposal"
+               and m["body"]["action"] == action and m["body"]["target"]["name"] == node]
+    for repair in repairs:
+        decided = [m for m in audit if m["kind"] == "decision" and m["repair"] == repair]
+        if decided:
+            votes = {m["from"]: m["body"] for m in audit
+                     if m["kind"] == "vote" and m["repair"] == repair}
+            return {**decided[0]["body"], "votes": votes}
+    return None
+
+
+async def decided(fleet: AgentFleet, action: str, node: str) -> dict[str, Any]:
+    return await eventually(lambda: _decision_on(fleet, action, node), 90,
+                             f"a decision on {action} of {node}\n{fleet.dump()}")
+
+
+def blocked_by(decision: dict[str, Any], check: str) -> str:
+    """Riven's reason, after checking she vetoed it naming ``check``."""
+    assert decision["outcome"] == "rejected", decision
+    assert decision["vetoes"] == ["riven"], decision
+    riven = decision["votes"]["riven"]
+    assert riven["verdict"] == "block", riven
+    assert riven["reason"].startswith("review: "), riven
+    assert f"{check}: " in riven["reason"], riven
+    results = {c["check"]: c["result"] for c in riven["evidence"]["checks"]}
+    assert results[check] == "block", results
+    # The others confirmed it by two paths: only the review stood in the way.
+    for voter in ("alexa", "vera"):
+        assert decision["votes"][voter]["paths"] == ["apiserver", "network"], decision
+    reason: str = riven["reason"]
+    return reason
+
+
+def cordoned(api: JsonApi, node: str) -> bool:
+    got = node_of(api, node)
+    return bool(got["spec"].get("unschedulable")) and \
+        REPAIR_ANNOTATION in got["metadata"].get("annotations", {})
+
+
+async def test_the_last_ready_control_plane_node_is_not_cordoned(
+        start_fleet: FleetStarter, api: JsonApi, node_sim: NodeSimulator) -> None:
+    [cp] = node_sim.add_nodes(1, CP, prefix="cp", taints=[CP_TAINT])
+    node_sim.add_nodes(3)
+    fleet = await start_fleet(ladder(CORDON))
+    node_sim.stop_heartbeats(cp)
+    try:
+        decision = await decided(fleet, "k8s.node.cordon", cp)
+    finally:
+        node_sim.resume_heartbeats(cp)
+    reason = blocked_by(decision, "last-control-plane")
+    assert (f"last-control-plane: cordon of {cp} would leave no Ready control-plane node: "
+            "0 of 0 others Ready") in reason, reason
+    assert not cordoned(api, cp)
+    assert [e for e in fleet.kubernetes_changes() if e["call"] == "patch nodes"] == []
+
+
+async def test_two_control_plane_nodes_down_are_repaired_one_at_a_time(
+        start_fleet: FleetStarter, api: JsonApi, node_sim: NodeSimulator) -> None:
+    cps = node_sim.add_nodes(3, CP, prefix="cp", taints=[CP_TAINT])
+    node_sim.add_nodes(4)  # two of seven down: under the 30% breaker
+    fleet = await start_fleet(ladder(CORDON))
+    node_sim.stop_heartbeats_together(cps[:2])
+    try:
+        first = await until(lambda: next((n for n in cps[:2] if cordoned(api, n)), None), 90,
+                            f"one control-plane node cordoned\n{fleet.dump()}")
+        [second] = [n for n in cps[:2] if n != first]
+        decision = await decided(fleet, "k8s.node.cordon", second)
+    finally:
+        for node in cps[:2]:
+            node_sim.resume_heartbeats(node)
+    reason = blocked_by(decision, "one-control-plane-at-a-time")
+    assert first in reason, reason
+    assert "disruption-budget: " in reason, reason  # one node at a time, fleet-wide, too
+    assert not cordoned(api, second)
+
+
+async def test_a_second_node_down_in_the_same_zone_waits(
+        start_fleet: FleetStarter, api: JsonApi, node_sim: NodeSimulator) -> None:
+    zone_a = node_sim.add_nodes(2, {ZONE_LABEL: "a"}, prefix="a")
+    node_sim.add_nodes(5, {ZONE_LABEL: "b"}, prefix="b")
+    # The fleet's budget would hold the second anyway; at 2 it is the zone that does.
+    fleet = await start_fleet(ladder(CORDON), fleet={"safety": {"disruptionBudget": 2}})
+    node_sim.stop_heartbeats_together(zone_a)
+    try:
+        first = await until(lambda: next((n for n in zone_a if cordoned(api, n)), None), 90,
+                            f"one zone-a node cordoned\n{fleet.dump()}")
+        [second] = [n for n in zone_a if n != first]
+        decision = await decided(fleet, "k8s.node.cordon", second)
+    finally:
+        for node in zone_a:
+            node_sim.resume_heartbeats(node)
+    reason = blocked_by(decision, "failure-domain")
+    assert "disruption-budget: " not in reason, reason
+    assert first in reason, reason
+
+
+async def test_a_drain_its_disruption_budget_would_refuse_is_vetoed_before_any_eviction(
+        start_fleet: FleetStarter, api: JsonApi, k8s_namespace: str,
+        node_sim: NodeSimulator) -> None:
+    nodes = node_sim.add_nodes(4)
+    create_deployment(api, k8s_namespace, "web", 2)
+    api.call("POST", f"/apis/policy/v1/namespaces/{k8s_namespace}/poddisruptionbudgets",
+             body={"metadata": {"name": "web"},
+                   "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}})
+    pods = await until(lambda: {p["spec"]["nodeName"] for p in api.call(
+        "GET", f"/api/v1/namespaces/{k8s_namespace}/pods")["items"]
+        if p["spec"].get("nodeName")} or None, 30, "web placed")
+    [victim] = [n for n in nodes if n in pods][:1]
+    fleet = await start_fleet(ladder(CORDON, DRAIN))
+    node_sim.stop_heartbeats(victim)
+    try:
+        decision = await decided(fleet, "k8s.node.drain", victim)
+    finally:
+        node_sim.resume_heartbeats(victim)
+    reason = blocked_by(decision, "pdb")
+    assert f"PodDisruptionBudget {k8s_namespace}/web" in reason, reason
+    assert [e for e in fleet.kubernetes_changes()
+            if e["call"].startswith("create pods/eviction")] == []
+
+
+async def test_a_drain_the_other_nodes_have_no_room_for_is_vetoed(
+        start_fleet: FleetStarter, api: JsonApi, k8s_namespace: str,
+        node_sim: NodeSimulator) -> None:
+    nodes = node_sim.add_nodes(4)  # 8 CPUs each; one 5-CPU pod on each leaves 3 free
+    create_deployment(api, k8s_namespace, "big", 4, pod_spec={"containers": [
+        {"name": "app", "image": "registry.invalid/app:1",
+         "resources": {"requests": {"cpu": "5"}}}]})
+    await until(lambda: len({p["spec"].get("nodeName") for p in api.call(
+        "GET", f"/api/v1/namespaces/{k8s_namespace}/pods")["items"]} - {None}) == 4 or None,
+        30, "one big pod per node")
+    victim = nodes[0]
+    fleet = await start_fleet(ladder(CORDON, DRAIN))
+    node_sim.stop_heartbeats(victim)
+    try:
+        decision = await decided(fleet, "k8s.node.drain", victim)
+    finally:
+        node_sim.resume_heartbeats(victim)
+    reason = blocked_by(decision, "capacity")
+    assert "requests 5000m CPU and 0.0 MiB: no node left has that much free" in reason, reason
+    assert [e for e in fleet.kubernetes_changes()
+            if e["call"].startswith("create pods/eviction")] == []
