@@ -12,14 +12,21 @@ Every wait is bounded and every process is stopped however a test ends.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from kubernetes import client
 
+from bus import subjects
+from bus.connection import Connection
+from bus.envelope import seal
+from bus.keys import Signer
+from bus.messages import Control
 from lab.controlplane import ControlPlane
 from lab.fleet import AgentFleet
 from lab.nodesim import JsonApi, NodeSimulator
+from runtime.config.credentials import write_seed
 from runtime.kube.acting import RESTARTED_AT
 from runtime.model.catalog import PERSONA_ANNOTATION, REPAIR_ANNOTATION
 from runtime.ops import audit as auditing
@@ -315,3 +322,44 @@ async def test_an_unreachable_api_server_is_reported_and_nothing_is_attempted(
                 60, f"every agent to observe Kubernetes again\n{fleet.dump()}")
     assert fleet.kubernetes_changes() == []
     assert _of(await fleet.audit(), "started") == []
+
+
+async def test_a_frozen_fleet_cordons_nothing_but_still_lifts_a_cordon_left_behind(
+        start_fleet: FleetStarter, api: JsonApi, node_sim: NodeSimulator,
+        tmp_path: Path) -> None:
+    victim, leftover, *_ = node_sim.add_nodes(5)
+    # A repair's cordon whose repair is long gone (no lease holds the node): Vera's
+    # cordon-without-owner lifts it. Undoing a repair is never held by a freeze.
+    api.call("PATCH", f"/api/v1/nodes/{leftover}", patch=True, body={
+        "spec": {"unschedulable": True},
+        "metadata": {"annotations": {REPAIR_ANNOTATION: "01JB0000000000000000000000",
+                                     PERSONA_ANNOTATION: "otto"}}})
+    public = write_seed(tmp_path / "operator-creds", "alice")
+    alice = Signer((tmp_path / "operator-creds" / "alice" / "nkey.seed").read_bytes())
+    fleet = await start_fleet(fleet={"operators": [{"name": "alice", "nkey": public}]})
+    operator = Connection([fleet.bus_url], name="operator", seed=None)
+    await operator.connect()
+    try:
+        await operator.publish(subjects.control("freeze"), seal(
+            "control", sender="alice", host="laptop", signer=alice,
+            body=Control(verb="freeze", reason="e2e: change freeze")))
+    finally:
+        await operator.close()
+    await until(lambda: all(any(h.frozen for h in fleet.tap.heartbeats(n)) for n in NAMES), 30,
+                "every agent to say it is frozen")
+    node_sim.stop_heartbeats(victim)
+    try:
+        lifted = await until(lambda: _uncordoned(api, leftover), 60,
+                             f"Vera to uncordon {leftover} through the freeze\n{fleet.dump()}")
+        # Well past node-not-ready's for: and a quorum deadline, the dead node is untouched.
+        await until(lambda: not _node_ready(api, victim), 60, f"{victim} NotReady")
+        await asyncio.sleep(12)
+    finally:
+        node_sim.resume_heartbeats(victim)
+    assert PERSONA_ANNOTATION not in lifted["metadata"].get("annotations", {})
+    assert not node_of(api, victim)["spec"].get("unschedulable")
+    changes = [(e["persona"], e["call"]) for e in fleet.kubernetes_changes()]
+    assert changes == [("vera", f"patch nodes {leftover}")], changes
+    audit = await fleet.audit()
+    assert [m["body"]["action"] for m in _of(audit, "started")] in ([], ["k8s.node.uncordon"])
+    assert not [m for m in _of(audit, "proposal") if m["body"]["target"]["name"] == victim]
