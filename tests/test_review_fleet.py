@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 
 from lab import fleet as harness
+from lab.controlplane import ControlPlane
 from lab.fleet import AgentFleet
 from lab.nodesim import JsonApi, NodeSimulator
 from runtime.core.review import CONTROL_PLANE_LABELS, ZONE_LABEL
 from runtime.model.catalog import REPAIR_ANNOTATION
-from tests.fleets import FleetStarter, create_deployment, eventually, node_of, until
+from tests.fleets import NAMES, FleetStarter, create_deployment, eventually, node_of, until
 
 pytestmark = pytest.mark.slow
 
@@ -180,3 +181,33 @@ async def test_a_drain_the_other_nodes_have_no_room_for_is_vetoed(
     assert "requests 5000m CPU and 0.0 MiB: no node left has that much free" in reason, reason
     assert [e for e in fleet.kubernetes_changes()
             if e["call"].startswith("create pods/eviction")] == []
+
+
+async def test_nodes_going_not_ready_right_after_an_api_server_outage_are_left_alone(
+        start_fleet: FleetStarter, api: JsonApi, node_sim: NodeSimulator,
+        control_plane: ControlPlane) -> None:
+    nodes = node_sim.add_nodes(7)  # two of seven: under the 30% breaker
+    fleet = await start_fleet(ladder(CORDON))
+    await until(lambda: all(h and h[-1].kubernetes == "observed"
+                            for h in map(fleet.tap.heartbeats, NAMES)),
+                30, "every agent to observe Kubernetes")
+    # kubernetes #24200: the API server is down a while; two kubelets fall silent then
+    # (in a real outage their leases run out unrenewed), and once it is back their
+    # nodes go NotReady: that is the observer's outage, not theirs.
+    control_plane.stop_apiserver(grace=1)
+    try:
+        await until(lambda: any("unreachable" in h[-1].kubernetes
+                                for h in [fleet.tap.heartbeats("riven")] if h), 30,
+                    "Riven to find the API server unreachable")
+        for node in nodes[:2]:
+            node_sim.stop_heartbeats(node)
+    finally:
+        control_plane.start_apiserver()
+    try:
+        decision = await decided(fleet, "k8s.node.cordon", nodes[0])
+    finally:
+        for node in nodes[:2]:
+            node_sim.resume_heartbeats(node)
+    reason = blocked_by(decision, "observer-outage")
+    assert "2 nodes NotReady since the API server outage" in reason, reason
+    assert not any(cordoned(api, n) for n in nodes[:2])
