@@ -64,7 +64,7 @@ READY_WITHIN = 60.0  # five interpreters importing at once on two busy cores
 # a lab or a test cannot. Same ladders and quorum rules, seconds instead of minutes.
 QUORUM = {"approvals": 3, "veto": ["riven"], "deadline": "10s"}
 NODE_QUORUM = {**QUORUM, "evidence": {"distinct": 2}}  # as node-not-ready.yaml asks
-NODE_NOT_READY = {
+NODE_NOT_READY: dict[str, Any] = {
     "detect": {"kind": "node-condition", "condition": "Ready", "status": ["False", "Unknown"],
                "for": "5s"},
     # A cordon alone cannot clear NotReady: its short verify window moves on to the drain.
@@ -479,16 +479,40 @@ async def init_bus(url: str, config: ConfigSet, *, seed: bytes | None = None) ->
 
 def prepare_fleet(workdir: Path, bus_url: str, apiserver: str, *, source: Path,
                   policies: Mapping[str, Mapping[str, Any]] | None = None,
-                  tick: timedelta = TICK, fleet: Mapping[str, Any] | None = None) -> Path:
+                  tick: timedelta = TICK, fleet: Mapping[str, Any] | None = None,
+                  extra_policies: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+                  ) -> Path:
     """The configuration copy every fleet runs from (``workdir/config``), enforcing
     ``POLICIES`` (updated by ``policies``), with fresh keys, on ``bus_url`` and ``apiserver``
     (and ``fleet``'s spec fields). ``source`` is the checkout (or any directory of
-    personas and policies) to copy."""
+    personas and policies) to copy. ``extra_policies`` adds policies: ``name`` →
+    (the policy it copies, its spec fields), run by every persona that runs the original."""
     config_dir = workdir / "config"
     prepare_config(source, config_dir, tick=tick, nats_url=bus_url, dry_run=False,
                    policy_spec={**POLICIES, **(policies or {})},
                    fleet_spec={"apiservers": [apiserver], "quorum": QUORUM, **(fleet or {})})
+    for name, (like, spec) in (extra_policies or {}).items():
+        add_policy(config_dir, name, like, spec)
     return config_dir
+
+
+def add_policy(config_dir: Path, name: str, like: str, spec: Mapping[str, Any]) -> None:
+    """Copy policy ``like`` of ``config_dir`` as ``name`` with ``spec``'s fields, and add it
+    to every persona that runs ``like``."""
+    yaml = YAML(typ="rt")
+    policies = config_dir / "policies"
+    original = yaml.load((policies / f"{like}.yaml").read_text(encoding="utf-8"))
+    original["metadata"]["name"] = name
+    original["spec"].update(spec)
+    with (policies / f"{name}.yaml").open("w", encoding="utf-8") as stream:
+        yaml.dump(original, stream)
+    for path in yaml_files([config_dir / "personas"]):
+        persona = yaml.load(path.read_text(encoding="utf-8"))
+        runs = persona["spec"].get("policies", [])
+        if like in runs:
+            runs.append(name)
+            with path.open("w", encoding="utf-8") as stream:
+                yaml.dump(persona, stream)
 
 
 async def start_fleet(config_dir: Path, workdir: Path, bus_url: str, plane: ControlPlane, *,

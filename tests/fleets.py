@@ -48,15 +48,19 @@ async def eventually(attempt: Callable[[], Awaitable[T | None]], within: float,
 async def start_fleet(tmp_path: Path, nats_server: NatsServer,
                       control_plane: ControlPlane) -> AsyncIterator[FleetStarter]:
     """Start the five personas as processes (``policies`` update the harness's POLICIES,
-    ``fleet`` the fleet's spec, ``env`` adds to a persona's environment); all stopped
-    after, and each must exit 0."""
+    ``fleet`` the fleet's spec, ``env`` adds to a persona's environment,
+    ``extra_policies`` as ``lab.fleet.prepare_fleet``); all stopped after, and each must
+    exit 0."""
     started: list[AgentFleet] = []
 
     async def start(policies: Mapping[str, Mapping[str, Any]] | None = None, *,
                     fleet: Mapping[str, Any] | None = None,
-                    env: Mapping[str, Mapping[str, str]] | None = None) -> AgentFleet:
+                    env: Mapping[str, Mapping[str, str]] | None = None,
+                    extra_policies: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+                    ) -> AgentFleet:
         config_dir = harness.prepare_fleet(tmp_path, nats_server.url, control_plane.url,
-                                           source=REPO, policies=policies, fleet=fleet)
+                                           source=REPO, policies=policies, fleet=fleet,
+                                           extra_policies=extra_policies)
         running = await harness.start_fleet(config_dir, tmp_path, nats_server.url,
                                             control_plane, env=env)
         started.append(running)

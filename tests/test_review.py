@@ -7,6 +7,7 @@ The veto holder's use of them on a real control plane is in test_review_fleet.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -165,9 +166,13 @@ def test_the_budget_is_fleet_wide_and_names_what_is_disrupted() -> None:
     nodes = [sized("n0"), sized("n1")]
     check = review.disruption_budget(facts(nodes=nodes, leases=[held("unit.n1/kubelet.service")]))
     assert not check.passed
-    assert check.reason == ("cordon of n0 would make 2 node(s) disrupted by us; the fleet's "
-                            "budget is 1")
+    assert check.reason == ("cordon of n0 would make 2 node(s) disrupted by us (with n1); the "
+                            "fleet's budget is 1")
     assert check.numbers == {"disrupted": ["n1"], "budget": 1}
+    # A disruption the reviewer approved a moment ago, not yet under a lease, counts too.
+    pending = replace(facts(nodes=nodes), vouched=frozenset({"n1"}))
+    assert not review.disruption_budget(pending).passed
+    assert review.disruption_budget(facts(nodes=nodes)).passed
     # A drain after our own cordon of the same node is the same disruption.
     ours = sized("n0", cordoned=True).model_copy(
         update={"annotations": {REPAIR_ANNOTATION: "r-0"}})
@@ -459,3 +464,23 @@ async def test_a_voter_without_the_veto_duty_runs_no_review() -> None:
                                 _cordon("cp-1", config), await _remembering(alexa))
     assert cast.verdict == "approve"
     assert "checks" not in cast.evidence
+
+
+async def test_two_disruptions_reviewed_at_once_do_not_both_pass_the_budget() -> None:
+    config = load(config_paths(REPO))
+    down = [not_ready_since("worker-1", -600), not_ready_since("worker-2", -600),
+            *(sized(f"worker-{i}") for i in range(3, 10))]
+    _, riven = unconnected_bus(config, "riven", observing=Observing([_Fixed(down)], timeout=1,
+                                                                    host="cp-2"))
+    policy = config.policies["node-not-ready"].value
+    now = await _remembering(riven)
+    first, second = await asyncio.gather(
+        riven._confirm(policy, _cordon("worker-1", config), now),
+        riven._confirm(policy, _cordon("worker-2", config), now))
+    assert first.verdict == "approve", first.reason
+    assert second.verdict == "reject"
+    assert ("disruption-budget: cordon of worker-2 would make 2 node(s) disrupted by us "
+            "(with worker-1)") in second.reason
+    # The approval of worker-1 is its own: a drain of the same node still passes.
+    again = await riven._confirm(policy, _cordon("worker-1", config), now)
+    assert again.verdict == "approve", again.reason

@@ -9,6 +9,7 @@ one through, is a review check, named in Riven's block.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -211,3 +212,68 @@ async def test_nodes_going_not_ready_right_after_an_api_server_outage_are_left_a
     reason = blocked_by(decision, "observer-outage")
     assert "2 nodes NotReady since the API server outage" in reason, reason
     assert not any(cordoned(api, n) for n in nodes[:2])
+
+
+async def test_a_node_that_never_heals_gets_max_attempts_then_one_escalation(
+        start_fleet: FleetStarter, node_sim: NodeSimulator) -> None:
+    nodes = node_sim.add_nodes(4)
+    victim = nodes[0]
+    policies = ladder(CORDON, DRAIN)
+    policies["node-not-ready"].update(cooldown="1s", budget={
+        **harness.NODE_NOT_READY["budget"], "maxAttempts": 3, "attemptsWindow": "1h"})
+    fleet = await start_fleet(policies)
+    node_sim.stop_heartbeats(victim)
+    try:
+        async def escalated() -> list[dict[str, Any]] | None:
+            audit = await fleet.audit()
+            results = [m for m in audit if m["kind"] == "result"
+                       and m["body"]["action"] == "bus.escalate"
+                       and m["body"]["outcome"] == "succeeded"
+                       and m["body"]["target"]["name"] == victim]
+            return results or None
+
+        [escalation] = await eventually(escalated, 120,
+                                        f"the loop guard's escalation\n{fleet.dump()}")
+        # It stays stopped: well past the cooldown, nothing more is started on it.
+        await asyncio.sleep(8)
+    finally:
+        node_sim.resume_heartbeats(victim)
+    audit = await fleet.audit()
+    started = [m for m in audit if m["kind"] == "started"]
+    actions = [m["body"]["action"] for m in audit if m["kind"] == "proposal"
+               and m["repair"] in {s["repair"] for s in started}]
+    assert len(started) == 3, actions
+    assert actions[:2] == ["k8s.node.cordon", "k8s.node.drain"], actions
+    assert ("3 repair attempts on node." + victim) in escalation["body"]["detail"], escalation
+    assert "(maxAttempts 3); repairs stop until a person looks" in escalation["body"]["detail"]
+    assert len([m for m in audit if m["kind"] == "result" and m["body"]["outcome"] == "succeeded"
+                and m["body"]["action"] == "bus.escalate"]) == 1
+
+
+async def test_the_fleet_wide_budget_holds_a_second_node_across_two_policies(
+        start_fleet: FleetStarter, api: JsonApi, node_sim: NodeSimulator) -> None:
+    [a] = node_sim.add_nodes(1, {ZONE_LABEL: "a"}, prefix="a")
+    [b] = node_sim.add_nodes(1, {ZONE_LABEL: "b"}, prefix="b")
+    node_sim.add_nodes(5, {ZONE_LABEL: "c"}, prefix="c")
+    # node-not-ready looks at zone a only; a second policy, its copy, at zone b only.
+    zone_a = {**ladder(CORDON)["node-not-ready"]}
+    zone_a["detect"] = {**zone_a["detect"], "selector": {ZONE_LABEL: "a"}}
+    # One node per policy: its breaker would read one down as all of them down.
+    zone_a["budget"] = {**zone_a["budget"], "maxUnhealthyFraction": 1.0}
+    zone_b = {**zone_a, "detect": {**zone_a["detect"], "selector": {ZONE_LABEL: "b"}}}
+    fleet = await start_fleet({"node-not-ready": zone_a},
+                              extra_policies={"node-not-ready-b": ("node-not-ready", zone_b)})
+    node_sim.stop_heartbeats_together([a, b])
+    try:
+        first = await until(lambda: next((n for n in (a, b) if cordoned(api, n)), None), 90,
+                            f"one of the two cordoned\n{fleet.dump()}")
+        second = b if first == a else a
+        decision = await decided(fleet, "k8s.node.cordon", second)
+    finally:
+        for node in (a, b):
+            node_sim.resume_heartbeats(node)
+    reason = blocked_by(decision, "disruption-budget")
+    assert first in reason, reason
+    assert "failure-domain: " not in reason, reason  # other zones: only the budget holds it
+    policies = {m["body"]["policy"] for m in (await fleet.audit()) if m["kind"] == "proposal"}
+    assert policies == {"node-not-ready", "node-not-ready-b"}, policies

@@ -32,6 +32,9 @@ from runtime.model.snapshot import Snapshot
 
 log = structlog.get_logger()
 
+VOUCHED_GRACE = timedelta(seconds=30)
+"""How long past its quorum deadline a reviewer's approval of a node disruption still
+counts as one: the time for its decision and its executor's lease, which then counts."""
 SILENT_AFTER = timedelta(seconds=6 * HEARTBEAT_EVERY)
 """Agents on a node unheard this long are silent: the ``peer`` path says it is down."""
 
@@ -57,6 +60,7 @@ class Voter:
         self.metrics = metrics
         self.wall = wall
         self.argue = argue
+        self._vouched: dict[str, datetime] = {}  # node -> until when its approval counts
 
     async def assess(self, envelope: Envelope, proposal: Proposal) -> Judgement:
         """Judge a proposal on this persona's own configuration and its own fresh observation.
@@ -164,12 +168,22 @@ class Voter:
                                        unit if isinstance(unit, str) else None)
         if disruption is None:
             return confirmed
+        now = snapshot.at
+        self._vouched = {n: until for n, until in self._vouched.items() if until > now}
         checks = review.review(review.Facts(
             disruption=disruption, nodes=snapshot.nodes, pods=snapshot.pods,
             leases=snapshot.leases, budgets=snapshot.budgets,
             safety=self.config.fleet.spec.safety,
-            outage=self.observing.outage, now=snapshot.at,
-            apiserver_down=review.reachable(snapshot.apiserver) is False))
+            outage=self.observing.outage, now=now,
+            apiserver_down=review.reachable(snapshot.apiserver) is False,
+            vouched=frozenset(self._vouched)))
         for check in checks:
             self.metrics.review(check.name, passed=check.passed)
-        return vote.reviewed(confirmed, checks)
+        reviewed = vote.reviewed(confirmed, checks)
+        if reviewed.verdict == "approve":
+            # Counted as disrupted from now (no await since the checks ran, so a review
+            # of another proposal cannot slip in between) until its executor's lease
+            # shows, or its quorum deadline and a lease's acquisition have passed.
+            until = proposal.quorum.deadline + VOUCHED_GRACE
+            self._vouched[disruption.node] = max(until, self._vouched.get(disruption.node, until))
+        return reviewed

@@ -143,6 +143,9 @@ class Facts:
     now: datetime
     apiserver_down: bool = False  # the reviewer's own probes all failed in this snapshot
     budgets: tuple[BudgetObs, ...] | None = ()  # PodDisruptionBudgets (None: not observed)
+    # Nodes whose disruption this reviewer approved and whose repair holds no lease yet:
+    # two proposals reviewed at once must not both pass as "the only one".
+    vouched: frozenset[str] = frozenset()
 
     @property
     def moot(self) -> str | None:
@@ -210,7 +213,7 @@ def _others_disrupted(name: CheckName, facts: Facts) -> set[str] | Check:
         return _unknown(name, "repair leases", facts, cluster=False)
     if facts.nodes is None:
         return _unknown(name, "nodes", facts)
-    return disrupted_by_us(facts.nodes, facts.leases) - {facts.disruption.node}
+    return (disrupted_by_us(facts.nodes, facts.leases) | facts.vouched) - {facts.disruption.node}
 
 
 def _unknown(name: CheckName, what: str, facts: Facts, *, cluster: bool = True) -> Check:
@@ -454,9 +457,10 @@ def disruption_budget(facts: Facts) -> Check:
     node, budget = facts.disruption.node, facts.safety.disruptionBudget
     numbers: dict[str, JSON] = {"disrupted": _names(others), "budget": budget}
     if len(others) + 1 > budget:
+        also = f" (with {', '.join(sorted(others)[:LISTED])})" if others else ""
         return Check(name, False, f"{facts.disruption.how} of {node} would make "
-                                  f"{len(others) + 1} node(s) disrupted by us; the fleet's "
-                                  f"budget is {budget}", numbers)
+                                  f"{len(others) + 1} node(s) disrupted by us{also}; the "
+                                  f"fleet's budget is {budget}", numbers)
     return Check(name, True, f"{len(others) + 1} of {budget} node(s) disrupted by us", numbers)
 
 
