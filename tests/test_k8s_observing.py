@@ -249,6 +249,12 @@ def test_a_pod_keeps_its_containers_and_only_regular_ones() -> None:
     assert PodObs.model_validate(obs.model_dump()) == obs
     pending = pod_obs(pod_json("web-2", node=None, phase=""), owner=None)
     assert (pending.node, pending.phase, pending.containers) == (None, "Pending", ())
+    # The node controller's word on a pod of a dead node: its Ready condition.
+    obj["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"},
+                                   {"type": "Ready", "status": "False"}]
+    assert pod_obs(obj, owner=None).ready is False
+    obj["status"]["conditions"][1]["status"] = "True"
+    assert pod_obs(obj, owner=None).ready is True
 
 
 def test_requests_allocatable_and_labels_are_read_as_the_scheduler_counts_them() -> None:

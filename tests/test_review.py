@@ -252,6 +252,11 @@ def test_an_unhealthy_pod_goes_only_while_its_budget_is_healthy_unless_always_al
         return review.pdb(Facts(**{**vars(facts(DRAIN, pods=sick)), "budgets": budgets})).passed
 
     assert judged(budget(allowed=0, healthy=2, desired=2))  # budget healthy: it may go
+    # On a node gone NotReady its containers' last word is "ready", the pod's is not.
+    stale = [sick[0].model_copy(update={"containers": (ContainerObs(name="app", ready=True),),
+                                        "ready": False})]
+    assert review.pdb(Facts(**{**vars(facts(DRAIN, pods=stale)),
+                               "budgets": (budget(allowed=0, healthy=2, desired=2),)})).passed
     assert not judged(budget(allowed=0, healthy=1, desired=2))
     assert judged(budget(allowed=0, healthy=1, desired=2, always=True))
     assert not judged(budget(current=False))  # its status lags: everything refused

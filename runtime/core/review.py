@@ -180,8 +180,10 @@ def is_control_plane(node: NodeObs) -> bool:
 
 
 def _running_ready(pod: PodObs) -> bool:
+    """Ready as a PodDisruptionBudget counts it: Running, every container ready, and the
+    pod's own Ready condition not False (the node controller's word on a dead node)."""
     return pod.phase == "Running" and bool(pod.containers) and all(
-        c.ready for c in pod.containers)
+        c.ready for c in pod.containers) and pod.ready is not False
 
 
 def _evicted(pod: PodObs, node: str) -> bool:

@@ -256,7 +256,16 @@ def pod_obs(obj: JSON, owner: Target | None) -> PodObs:
     return _build(PodObs, namespace=_text(meta["namespace"]), name=str(meta["name"]),
                   node=_text(spec.get("nodeName")) or None, labels=_pod_labels(meta.get("labels")),
                   phase=_text(status.get("phase")) or "Pending", owner=owner,
-                  containers=_containers(states), requests=_requests(spec))
+                  containers=_containers(states), requests=_requests(spec),
+                  ready=_condition(status, "Ready"))
+
+
+def _condition(status: JSON, kind: str) -> bool | None:
+    """Whether the object's condition ``kind`` is True (None: it reports none)."""
+    for condition in status.get("conditions") or ():
+        if isinstance(condition, dict) and condition.get("type") == kind:
+            return condition.get("status") == "True"
+    return None
 
 
 EVENT_MESSAGE_LIMIT = 300

@@ -79,6 +79,10 @@ class PodObs(Obs):
     owner: Target | None = Field(default=None, description="The top-level workload, if any.")
     labels: dict[str, str] = Field(default_factory=dict)
     containers: tuple[ContainerObs, ...] = ()
+    ready: bool | None = Field(
+        default=None, description="Its Ready condition (None: not reported). The node "
+                                  "controller sets it False on a node gone NotReady, while "
+                                  "its containers' last statuses still say ready.")
     requests: Resources = Field(
         default=NO_RESOURCES, description="The sum of its containers' requests (the "
                                           "larger of that and any init container's).")
