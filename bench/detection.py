@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TypeVar
 
 from pydantic import BaseModel
 
@@ -66,8 +66,7 @@ B = TypeVar("B", bound=BaseModel)
 
 POLICY = "node-not-ready"
 CORDON = "k8s.node.cordon"
-_SPEC = cast(dict[str, Any], NODE_NOT_READY)
-FOR = parse_duration(_SPEC["detect"]["for"])
+FOR = parse_duration(NODE_NOT_READY["detect"]["for"])
 """node-not-ready's ``for:`` in the harness."""
 SLACK = timedelta(seconds=2)
 POLL = 0.1  # seconds between the bench's own looks at the victim node
@@ -75,7 +74,7 @@ STEP_LIMIT = 120.0  # a bound on each wait, never a delay
 # Repetitions in minutes would run into the shipped budgets and cooldowns (a few
 # repairs an hour, 10 minutes per target); they do not change how fast a finding
 # opens or a cordon starts, only whether the next repetition may act at all.
-REPEATABLE = {"budget": {**_SPEC["budget"], "perHour": 1000}, "cooldown": "1s"}
+REPEATABLE = {"budget": {**NODE_NOT_READY["budget"], "perHour": 1000}, "cooldown": "1s"}
 BENCH_POLICIES = {
     POLICY: {**NODE_NOT_READY, **REPEATABLE},
     "cordon-without-owner": {**POLICIES["cordon-without-owner"], **REPEATABLE,

@@ -882,6 +882,17 @@ async def test_cordon_then_uncordon_a_real_node(core: client.CoreV1Api, admin: C
         lifted["metadata"].get("annotations", {}))
 
 
+def web_budget(api: client.ApiClient, namespace: str, *, min_available: int) -> client.PolicyV1Api:
+    """A PodDisruptionBudget ``web`` over the pods labelled ``app: web``; the policy API."""
+    policy = client.PolicyV1Api(api)
+    policy.create_namespaced_pod_disruption_budget(
+        namespace, client.V1PodDisruptionBudget.model_validate({
+            "metadata": {"name": "web"},
+            "spec": {"minAvailable": min_available,
+                     "selector": {"matchLabels": {"app": "web"}}}}))
+    return policy
+
+
 async def test_drain_evicts_one_at_a_time_under_a_budget_and_skips_daemonset_pods(
         control_plane: ControlPlane, core: client.CoreV1Api, apps: client.AppsV1Api,
         k8s_namespace: str, node_sim: NodeSimulator) -> None:
@@ -891,11 +902,7 @@ async def test_drain_evicts_one_at_a_time_under_a_budget_and_skips_daemonset_pod
     apps.create_namespaced_daemon_set(k8s_namespace, client.V1DaemonSet.model_validate(
         {"metadata": {"name": "agent"}, "spec": labelled("agent")}))
     with admin_api(control_plane) as api:
-        policy = client.PolicyV1Api(api)
-        policy.create_namespaced_pod_disruption_budget(
-            k8s_namespace, client.V1PodDisruptionBudget.model_validate({
-                "metadata": {"name": "web"},
-                "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}}))
+        policy = web_budget(api, k8s_namespace, min_available=2)
         ready_pods(core, k8s_namespace, "web", 3)
         [daemon_pod] = ready_pods(core, k8s_namespace, "agent", 1)
         wait_for("the budget to allow one disruption", lambda: as_json(
@@ -933,11 +940,7 @@ async def test_a_drain_its_budget_refuses_changes_nothing_and_says_which_pod(
     [target] = node_sim.add_nodes(1)
     create_deployment(apps, k8s_namespace, "web", 2)
     with admin_api(control_plane) as api:
-        policy = client.PolicyV1Api(api)
-        policy.create_namespaced_pod_disruption_budget(
-            k8s_namespace, client.V1PodDisruptionBudget.model_validate({
-                "metadata": {"name": "web"},
-                "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}}))
+        policy = web_budget(api, k8s_namespace, min_available=2)
         placed = ready_pods(core, k8s_namespace, "web", 2)
         wait_for("the budget to be computed", lambda: as_json(
             policy.read_namespaced_pod_disruption_budget("web", k8s_namespace),

@@ -74,6 +74,18 @@ def blocked_by(decision: dict[str, Any], check: str) -> str:
     return reason
 
 
+async def _drain_of_dead(start_fleet: FleetStarter, node_sim: NodeSimulator,
+                         victim: str) -> tuple[AgentFleet, dict[str, Any]]:
+    """Start the fleet (cordon, then drain), kill ``victim``'s kubelet: the fleet and the
+    first decision on draining it."""
+    fleet = await start_fleet(ladder(CORDON, DRAIN))
+    node_sim.stop_heartbeats(victim)
+    try:
+        return fleet, await decided(fleet, "k8s.node.drain", victim)
+    finally:
+        node_sim.resume_heartbeats(victim)
+
+
 def cordoned(api: JsonApi, node: str) -> bool:
     got = node_of(api, node)
     return bool(got["spec"].get("unschedulable")) and \
@@ -149,12 +161,7 @@ async def test_a_drain_its_disruption_budget_would_refuse_is_vetoed_before_any_e
         "GET", f"/api/v1/namespaces/{k8s_namespace}/pods")["items"]
         if p["spec"].get("nodeName")} or None, 30, "web placed")
     [victim] = [n for n in nodes if n in pods][:1]
-    fleet = await start_fleet(ladder(CORDON, DRAIN))
-    node_sim.stop_heartbeats(victim)
-    try:
-        decision = await decided(fleet, "k8s.node.drain", victim)
-    finally:
-        node_sim.resume_heartbeats(victim)
+    fleet, decision = await _drain_of_dead(start_fleet, node_sim, victim)
     reason = blocked_by(decision, "pdb")
     assert f"PodDisruptionBudget {k8s_namespace}/web" in reason, reason
     assert [e for e in fleet.kubernetes_changes()
@@ -171,13 +178,7 @@ async def test_a_drain_the_other_nodes_have_no_room_for_is_vetoed(
     await until(lambda: len({p["spec"].get("nodeName") for p in api.call(
         "GET", f"/api/v1/namespaces/{k8s_namespace}/pods")["items"]} - {None}) == 4 or None,
         30, "one big pod per node")
-    victim = nodes[0]
-    fleet = await start_fleet(ladder(CORDON, DRAIN))
-    node_sim.stop_heartbeats(victim)
-    try:
-        decision = await decided(fleet, "k8s.node.drain", victim)
-    finally:
-        node_sim.resume_heartbeats(victim)
+    fleet, decision = await _drain_of_dead(start_fleet, node_sim, nodes[0])
     reason = blocked_by(decision, "capacity")
     assert "requests 5000m CPU and 0.0 MiB: no node left has that much free" in reason, reason
     assert [e for e in fleet.kubernetes_changes()

@@ -322,19 +322,27 @@ def _refusal(budget: BudgetObs, healthy: bool) -> str | None:
     return None
 
 
+def _moving(name: CheckName, facts: Facts) -> list[PodObs] | Check:
+    """The pods the disruption moves away, or the check's answer without them: a pass
+    when it moves none, a block when the pods were not observed."""
+    if not facts.disruption.evicts:
+        return Check(name, True, f"a {facts.disruption.how} moves no pods", {})
+    if facts.pods is None:
+        return _unknown(name, "pods", facts)
+    return [p for p in facts.pods if _evicted(p, facts.disruption.node)]
+
+
 def pdb(facts: Facts) -> Check:
     """Every pod the disruption moves must be one its PodDisruptionBudgets let go: a
     drain they refuse stalls with the node half drained (the executor also asks the
     API server, by a dry-run eviction of each pod, before it evicts the first)."""
     name: CheckName = "pdb"
-    if not facts.disruption.evicts:
-        return Check(name, True, f"a {facts.disruption.how} moves no pods", {})
-    if facts.pods is None:
-        return _unknown(name, "pods", facts)
+    moving = _moving(name, facts)
+    if isinstance(moving, Check):
+        return moving
     if facts.budgets is None:
         return _unknown(name, "disruption budgets", facts)
     node = facts.disruption.node
-    moving = [p for p in facts.pods if _evicted(p, node)]
     refused: dict[str, str] = {}
     covered = 0
     for pod in moving:
@@ -389,14 +397,14 @@ def _mib(value: int) -> JSON:
 
 def capacity(facts: Facts) -> Check:
     name: CheckName = "capacity"
-    if not facts.disruption.evicts:
-        return Check(name, True, f"a {facts.disruption.how} moves no pods", {})
-    if facts.nodes is None:
+    if facts.nodes is None and facts.disruption.evicts:
         return _unknown(name, "nodes", facts)
-    if facts.pods is None:
-        return _unknown(name, "pods", facts)
+    moving = _moving(name, facts)
+    if isinstance(moving, Check):
+        return moving
+    assert facts.nodes is not None  # both observed: checked above, for the type checker
+    assert facts.pods is not None
     node = facts.disruption.node
-    moving = [p for p in facts.pods if _evicted(p, node)]
     need = sum((p.requests for p in moving), NO_RESOURCES)
     used: dict[str, Resources] = {}
     for pod in facts.pods:
