@@ -378,7 +378,7 @@ class BusTap:
     async def start(self) -> None:
         await self.connection.connect()
         await self.connection.subscribe(SUBJECT, self._on_message)
-        await self.connection.nc.flush()
+        await self.connection.sync()
 
     async def _on_message(self, msg: Msg) -> None:
         now = datetime.now(UTC)

@@ -273,7 +273,7 @@ class Inbox:
 async def listen(connection: Connection) -> Inbox:
     inbox = Inbox()
     await connection.subscribe("zeta.>", inbox.receive)
-    await connection.nc.flush()
+    await connection.sync()  # one flush can return before the SUB reached the server
     return inbox
 
 
