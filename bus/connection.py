@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import Awaitable, Callable, Sequence
 
 import nats
@@ -29,6 +30,10 @@ CLOSE_GRACE = 2.0  # seconds; systemd's stop timeout is for the whole agent, not
 SYNC_TIMEOUT = 5  # seconds for a round trip to the server before it counts as unavailable
 
 
+# How nats-server words a refusal of the client's credentials.
+_REFUSAL = re.compile(r"authorization violation|authentication", re.IGNORECASE)
+
+
 class BusUnavailableError(ConnectionError):
     """The bus cannot be reached now; destructive work must be refused."""
 
@@ -45,6 +50,9 @@ class Connection:
         self._js: JetStreamContext | None = None
         self._closing = False
         self.on_connected: list[Callable[[], Awaitable[None]]] = []
+        # The server's last word refusing our credentials, so a command that gives up
+        # can say "refused this key" rather than "cannot reach the bus".
+        self.refused: str | None = None
 
     @property
     def connected(self) -> bool:
@@ -77,6 +85,7 @@ class Connection:
                     reconnected_cb=self._reconnected, closed_cb=self._closed,
                 )
             except (NatsError, OSError, TimeoutError) as exc:
+                self._note_refusal(exc)
                 delay = min(self._backoff_max, 0.5 * 2 ** min(attempt, 8))
                 delay *= random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not secrecy)
                 log.warning("bus connect failed; will retry", attempt=attempt,
@@ -98,7 +107,12 @@ class Connection:
             except Exception:
                 log.exception("bus on-connect step failed")
 
+    def _note_refusal(self, exc: BaseException) -> None:
+        if _REFUSAL.search(str(exc)):
+            self.refused = str(exc)
+
     async def _error(self, exc: Exception) -> None:
+        self._note_refusal(exc)
         log.warning("bus error", error=str(exc) or type(exc).__name__)
 
     async def _disconnected(self) -> None:

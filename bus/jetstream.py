@@ -27,15 +27,14 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from bus.limits import DUPLICATE_WINDOW
+
 AUDIT_STREAM = "ZETA_AUDIT"
 AUDIT_SUBJECTS = ("zeta.repair.>", "zeta.control.>")
 LEASES_BUCKET = "zeta_leases"
 LEASES_STREAM = f"KV_{LEASES_BUCKET}"
 """The stream a KV bucket is stored in; its JetStream API requests name this."""
 LEASES_SUBJECTS = (f"$KV.{LEASES_BUCKET}.>",)
-# Long enough that a message republished from a journal after a reconnect, or by a
-# retrying publisher, is still recognised by its Nats-Msg-Id and stored once.
-DUPLICATE_WINDOW = timedelta(minutes=10)
 INIT_COMMAND = "zeta-agent bus init"
 
 

@@ -118,7 +118,7 @@ def prepare_config(source: Path, target: Path, *, tick: timedelta | None, nats_u
     """
     yaml = YAML(typ="rt")
     credentials = target / "credentials"
-    for path in yaml_files([source / "personas", source / "policies"]):
+    for path in yaml_files([source / "personas", source / "policies"], ConfigSet()):
         docs = [d for d in yaml.load_all(path.read_text(encoding="utf-8")) if d is not None]
         for doc in docs:
             spec = doc["spec"]

@@ -28,6 +28,7 @@ python3Packages.buildPythonApplication {
     python3Packages.urllib3
     python3Packages.pynacl
     python3Packages.prometheus-client
+    python3Packages.shtab
   ];
 
   postInstall = ''

@@ -488,7 +488,8 @@ def test_audit_gives_up_on_an_unreachable_bus(
     assert main(["audit", "--config-dir", str(config_copy), "--bus", url,
                  "--timeout", "0.3"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"zeta-agent: cannot reach the bus at {url} within 0.3s")
+        f"zeta-agent: cannot reach the bus at {url} within 0.3s (is it running, and is "
+        "the address right?)")
 
 
 # ---------------------------------------------------------------- a proposer's own rule

@@ -26,6 +26,7 @@ from runtime.core.vote import Vote, corroborated
 from runtime.host.observing import KubeletObserver, healthz_answer, tcp_connect
 from runtime.host.systemctl import Systemctl, SystemctlError
 from runtime.kube.observing import node_obs
+from runtime.model import paths as evidence_paths
 from runtime.model.formats import Detect, HostEvidence, NodeConditionDetect
 from runtime.model.snapshot import UnitObs
 from tests.builders import T0, at
@@ -223,15 +224,16 @@ def test_only_a_ready_condition_can_be_corroborated_by_the_kubelets_paths() -> N
     def detect(**fields: typing.Any) -> Detect:
         return NodeConditionDetect.model_validate({"kind": "node-condition", **fields})
 
-    assert evidence.corroborates_kubelet(detect())
-    assert not evidence.corroborates_kubelet(detect(condition="DiskPressure", status=["True"]))
-    assert not evidence.corroborates_kubelet(detect(status=["True"]))
+    assert evidence_paths.corroborates_kubelet(detect())
+    assert not evidence_paths.corroborates_kubelet(detect(condition="DiskPressure",
+                                                          status=["True"]))
+    assert not evidence_paths.corroborates_kubelet(detect(status=["True"]))
 
 
 def test_every_detector_kind_names_its_own_path() -> None:
     kinds = {typing.get_args(c.model_fields["kind"].annotation)[0]
              for c in typing.get_args(typing.get_args(Detect)[0])}
-    assert kinds == set(evidence.PRIMARY)
+    assert kinds == set(evidence_paths.PRIMARY)
 
 
 def test_the_vote_takes_the_paths_or_turns_into_a_reject_on_disagreement() -> None:

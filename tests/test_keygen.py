@@ -12,7 +12,7 @@ from bus.keys import Signer
 from runtime.config.credentials import SEED_FILE, load_signer
 from runtime.config.loading import config_paths, load
 from runtime.ops.cli import main
-from runtime.ops.controls import OperatingError, set_persona_key
+from runtime.ops.controls import OperatingError, with_persona_key
 
 NEW_KEY = "UDRCYTEQGYGIHJ5CBPEZQTTFNYPYJESIOFSKUGX4SQ2DIRHEI75NFVA2"
 
@@ -122,30 +122,26 @@ def test_keygen_refuses_names_that_are_not_names(
     ("    nkey:   # to come\n", f"    nkey:   {NEW_KEY} # to come\n"),
     ("    nkey : OLD\n", f"    nkey : {NEW_KEY}\n"),
 ])
-def test_set_persona_key_replaces_just_the_value(
+def test_with_persona_key_replaces_just_the_value(
         tmp_path: Path, line: str, expected: str) -> None:
     head = "# a persona\napiVersion: zeta/v1\nkind: Persona\nspec:\n  identity:\n"
     tail = "    kubernetes: {user: zeta-x}   # spacing kept\n  tier: observe\n"
     path = tmp_path / "x.yaml"
     path.write_text(head + line + tail)
-    path.chmod(0o640)
-    set_persona_key(path, NEW_KEY)
-    assert path.read_text() == head + expected + tail
-    assert mode(path) == 0o640
+    assert with_persona_key(path, NEW_KEY) == head + expected + tail
 
 
-def test_set_persona_key_in_a_flow_mapping(tmp_path: Path) -> None:
+def test_with_persona_key_in_a_flow_mapping(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
     path.write_text("spec:\n  identity: {nkey: OLD, kubernetes: {user: zeta-x}}\n")
-    set_persona_key(path, NEW_KEY)
-    assert path.read_text() == (
+    assert with_persona_key(path, NEW_KEY) == (
         f"spec:\n  identity: {{nkey: {NEW_KEY}, kubernetes: {{user: zeta-x}}}}\n")
 
 
-def test_set_persona_key_refuses_a_value_it_cannot_replace_in_place(tmp_path: Path) -> None:
+def test_with_persona_key_refuses_a_value_it_cannot_replace_in_place(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
     text = "spec:\n  identity:\n    nkey: >-\n      UOLD\n"
     path.write_text(text)
     with pytest.raises(OperatingError, match=r"put \w+ there by hand"):
-        set_persona_key(path, NEW_KEY)
+        with_persona_key(path, NEW_KEY)
     assert path.read_text() == text

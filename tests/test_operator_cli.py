@@ -161,7 +161,8 @@ async def test_a_missing_seed_is_refused(
     code = await run(fleet, "thaw", "--operator", OPERATOR, "--reason", "x",
                      "--seed", str(fleet.credentials / "nope"))
     assert code == 2
-    assert "cannot read the seed" in capsys.readouterr().err
+    assert f"the seed {fleet.credentials / 'nope'}: cannot read: No such file" in (
+        capsys.readouterr().err)
     await assert_nothing_stored(reader)
 
 
@@ -197,7 +198,7 @@ def test_an_unreachable_bus_fails_within_the_timeout(
     code = fleet.run("freeze", "--operator", OPERATOR, "--reason", "x", "--timeout", "1")
     elapsed = time.monotonic() - started
     captured = capsys.readouterr()
-    assert (code, captured.out) == (1, "")
+    assert (code, captured.out) == (2, ""), "an unreachable bus is exit 2, as for every command"
     assert f"cannot reach the bus at {fleet.server.url} within 1s" in captured.err
     assert elapsed < 3
 
@@ -214,9 +215,10 @@ async def test_a_bus_that_does_not_know_the_operator_refuses_it(
         code = await asyncio.to_thread(fleet.run, "freeze", "--operator", OPERATOR,
                                        "--reason", "x", "--timeout", "1", bus=server.url)
     captured = capsys.readouterr()
-    assert code == 1
-    assert "cannot reach the bus" in captured.err
-    assert "Authorization Violation" in captured.err, "the reason is in the logged attempts"
+    assert code == 2
+    assert f"the bus at {server.url} refused the credentials" in captured.err
+    assert "Authorization Violation" in captured.err
+    assert "cannot reach the bus" not in captured.err, "a refused key is not a bus that is down"
 
 
 def test_bus_init_is_the_operators_and_bus_check_tells_what_differs(

@@ -33,10 +33,10 @@ from runtime.agent.observing import Observing
 from runtime.core.authorizing import authorize
 from runtime.core.detecting import detect
 from runtime.core.engine import Event, Intent, PolicyEngine, RepairVerified, StepFailed
-from runtime.core.evidence import PRIMARY
 from runtime.core.ports import Actuator, Actuators, NoActuatorError, Outcome, Wall
 from runtime.model.catalog import COMPENSATIONS
 from runtime.model.formats import Persona
+from runtime.model.paths import PRIMARY
 
 log = structlog.get_logger("execution")
 

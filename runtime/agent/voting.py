@@ -27,6 +27,7 @@ from runtime.core.detecting import detect
 from runtime.core.engine import PolicyEngine
 from runtime.core.ports import Wall
 from runtime.host.observing import authority, tcp_connect
+from runtime.model import paths
 from runtime.model.formats import Persona, RepairPolicy
 from runtime.model.snapshot import Snapshot
 
@@ -115,7 +116,7 @@ class Voter:
                                  host=snapshot.host, sources=sources, now=now,
                                  history=functools.partial(self._history, policy.name))
         if (confirmed.verdict == "approve" and proposal.target.kind == "node"
-                and evidence.corroborates_kubelet(policy.spec.detect)):
+                and paths.corroborates_kubelet(policy.spec.detect)):
             confirmed = vote.corroborated(confirmed, proposal.target.name,
                                           await self._corroborate(proposal.target.name, snapshot))
         if "veto" not in self.persona.spec.duties:

@@ -13,12 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bus.keys import Signer, generate_user_seed
+from runtime.config.files import UnreadableError, read_regular, write_atomic
 from runtime.model.formats import Fleet, Persona
 
 SEED_FILE = "nkey.seed"
 KUBECONFIG_FILE = "kubeconfig"
 ANTHROPIC_KEY_FILE = "anthropic-api-key"
 OPTIONAL_FILES = (KUBECONFIG_FILE, ANTHROPIC_KEY_FILE)
+SEED_LIMIT = 4096  # a seed is 58 characters; anything big is the wrong file
 """Credentials a persona may have besides its seed (``zeta-agent render unit`` lists them)."""
 
 
@@ -44,13 +46,10 @@ def load_signer(persona: Persona, fleet: Fleet,
     """The persona's signing key, checked against the public key in its persona file."""
     path = credential_path(SEED_FILE, persona.name, fleet, environ)
     try:
-        seed = path.read_bytes()
-    except OSError as exc:
-        raise CredentialError(f"cannot read the nkey seed {path}: {exc.strerror or exc}; "
-                              f"create one with `zeta-agent keygen {persona.name} --write`"
-                              ) from None
-    try:
-        signer = Signer(seed)
+        signer = Signer(read_regular(path, SEED_LIMIT))
+    except UnreadableError as exc:
+        raise CredentialError(f"the nkey seed {path}: {exc}; create one with "
+                              f"`zeta-agent keygen {persona.name} --write`") from None
     except ValueError as exc:
         raise CredentialError(f"{path}: {exc}") from None
     if signer.public_key != persona.spec.identity.nkey:
@@ -60,20 +59,20 @@ def load_signer(persona: Persona, fleet: Fleet,
     return signer
 
 
-def write_seed(credentials_dir: Path, name: str, *, force: bool = False) -> str:
+def write_seed(credentials_dir: Path, name: str, *, force: bool = False,
+               seed: bytes | None = None) -> str:
     """Create ``<credentials_dir>/<name>/nkey.seed`` (0600, directory 0700); return its public key.
 
-    Refuses to replace an existing seed unless ``force``: a lost seed is a lost identity.
+    ``seed`` defaults to a fresh one. Written whole or not at all (temporary file,
+    fsync, then a link or rename into place), so a full disk never leaves an empty
+    seed behind. Refuses to replace an existing seed unless ``force``: a lost seed is
+    a lost identity.
     """
     path = seed_file(credentials_dir, name)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    seed = generate_user_seed()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
+    seed = seed or generate_user_seed()
     try:
-        fd = os.open(path, flags, 0o600)
+        write_atomic(path, seed + b"\n", mode=0o600, replace=force)
     except FileExistsError:
         raise CredentialError(f"{path} exists; pass --force to replace the key") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(seed + b"\n")
-    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to an existing file
     return Signer(seed).public_key

@@ -22,7 +22,9 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from runtime.config.files import UnreadableError, read_text
 from runtime.config.templates import check_template
+from runtime.model import paths
 from runtime.model.formats import DEFAULT_FLEET, KINDS, AnthropicBrain, Fleet, Persona, RepairPolicy
 
 
@@ -78,6 +80,9 @@ class ConfigSet:
     # (kind, name) of documents that failed validation, so references to them are
     # not reported a second time as "no such policy".
     invalid: set[tuple[str, str]] = field(default_factory=set)
+    # Directories that could not be listed: what they define is unknown, so no
+    # reference is reported missing because of them (their own error says why).
+    unlisted: list[str] = field(default_factory=list)
 
     def persona(self, name: str) -> Persona:
         return self.personas[name].value
@@ -204,14 +209,16 @@ def _explain(error: Any, model: type[BaseModel], loc: Sequence[str | int], data:
 def _documents(path: Path, into: ConfigSet) -> Iterator[CommentedMap]:
     errors = into.errors
     try:
-        docs = list(_yaml().load_all(path.read_text(encoding="utf-8")))
-    except (YAMLError, UnicodeDecodeError, OSError) as exc:
+        docs = list(_yaml().load_all(read_text(path)))
+    except (YAMLError, UnreadableError) as exc:
         if isinstance(exc, MarkedYAMLError):
             mark = exc.problem_mark or exc.context_mark
             errors.append(ConfigError(str(path), (mark.line + 1) if mark else 0, "",
                                       f"not valid YAML: {exc.problem or exc.context}"))
+        elif isinstance(exc, UnreadableError):
+            errors.append(ConfigError(str(path), 0, "", str(exc)))
         else:
-            errors.append(ConfigError(str(path), 0, "", f"cannot read: {exc}"))
+            errors.append(ConfigError(str(path), 0, "", f"not valid YAML: {exc}"))
         # What the file defines is unknown; its name is the best guess (a persona's
         # must match it), so references to it are not reported again as missing.
         into.invalid.update({("Persona", path.stem), ("RepairPolicy", path.stem)})
@@ -292,7 +299,8 @@ def _cross_check(config: ConfigSet) -> None:
                 "needs its own identity"))
         keys.setdefault(spec.identity.nkey, persona)
         for index, name in enumerate(spec.policies):
-            if name not in config.policies and ("RepairPolicy", name) not in config.invalid:
+            if (name not in config.policies and ("RepairPolicy", name) not in config.invalid
+                    and not config.unlisted):
                 config.errors.append(ConfigError(
                     persona.file, persona.line_of("spec", "policies", index),
                     f"spec.policies[{index}]",
@@ -302,7 +310,7 @@ def _cross_check(config: ConfigSet) -> None:
         return  # a policy-only directory: nothing to resolve veto names against
     fleet = config.fleet_located
     for index, name in enumerate(config.fleet.spec.quorum.veto):
-        if name not in config.personas:
+        if name not in config.personas and not config.unlisted:
             where = ("spec", "quorum", "veto", index)
             config.errors.append(ConfigError(
                 fleet.file if fleet else "(built-in fleet defaults)",
@@ -311,11 +319,77 @@ def _cross_check(config: ConfigSet) -> None:
     for policy in config.policies.values():
         for index, remedy in enumerate(policy.value.spec.remedies):
             for vi, name in enumerate(remedy.quorum.veto if remedy.quorum else ()):
-                if name not in config.personas and ("Persona", name) not in config.invalid:
+                if (name not in config.personas and ("Persona", name) not in config.invalid
+                        and not config.unlisted):
                     path = ("spec", "remedies", index, "quorum", "veto", vi)
                     config.errors.append(ConfigError(
                         policy.file, policy.line_of(*path), _dotted(path),
                         f"veto names persona {name!r}, which is not defined"))
+
+
+def _fleet_where(config: ConfigSet, *path: str | int) -> tuple[str, int]:
+    fleet = config.fleet_located
+    return (fleet.file, fleet.line_of(*path)) if fleet else ("(built-in fleet defaults)", 0)
+
+
+def _check_bus_users(config: ConfigSet) -> None:
+    """An operator or watcher needs a key of its own: the bus could not tell it from a
+    persona (``render nats`` refuses such a fleet), and it would sign as that persona."""
+    owners = {p.value.spec.identity.nkey: f"persona {p.value.name!r} ({p.file})"
+              for p in config.personas.values()}
+    spec = config.fleet.spec
+    for group, users in (("operators", spec.operators), ("watchers", spec.watchers)):
+        for index, user in enumerate(users):
+            where = ("spec", group, index, "nkey")
+            if (owner := owners.get(user.nkey)) is not None:
+                file, line = _fleet_where(config, *where)
+                config.errors.append(ConfigError(
+                    file, line, _dotted(where),
+                    f"the same nkey as {owner}: every persona, operator and watcher needs "
+                    "its own key"))
+            owners.setdefault(user.nkey, f"{group[:-1]} {user.name!r}")
+
+
+def _check_quorums(config: ConfigSet) -> None:
+    """A quorum no set of agents can ever meet is refused now, not found at 3 a.m.
+
+    The approvers are the proposer and the personas with the ``vote`` duty, so no
+    quorum can need more; the evidence paths are those a voter can name for the
+    policy's finding (``runtime.model.paths``).
+    """
+    if not config.personas or config.unlisted:
+        return  # a policy-only directory, or one we could not read: nothing to count
+    voters = {p.value.name for p in config.personas.values() if "vote" in p.value.spec.duties}
+    for policy in config.policies.values():
+        spec = policy.value.spec
+        proposers = {p.value.name for p in config.personas.values()
+                     if policy.value.name in p.value.spec.policies
+                     and "propose" in p.value.spec.duties}
+        if not proposers:
+            continue  # nobody runs it, so nobody is asked
+        reachable = len(voters) + (1 if proposers - voters else 0)
+        available = paths.providable(spec.detect)
+        for index, remedy in enumerate(spec.remedies):
+            quorum = remedy.quorum_under(config.fleet.spec.quorum)
+            if quorum is None:
+                continue
+            own = remedy.quorum is not None
+            where = ("spec", "remedies", index, "quorum") if own else ("spec", "remedies", index)
+            if quorum.approvals > reachable:
+                config.errors.append(ConfigError(
+                    policy.file, policy.line_of(*where, "approvals") if own
+                    else policy.line_of(*where), _dotted((*where, "approvals")),
+                    f"needs {quorum.approvals} approvals{'' if own else ' (the fleet default)'}"
+                    f", but at most {reachable} agents can approve (the proposer and the "
+                    f"personas with the vote duty: {', '.join(sorted(voters)) or 'none'})"))
+            rule = quorum.evidence
+            missing = sorted(set(rule.requires) - available)
+            if missing or rule.distinct > len(available):
+                config.errors.append(ConfigError(
+                    policy.file, policy.line_of(*where, "evidence") if own
+                    else policy.line_of(*where), _dotted((*where, "evidence")),
+                    f"asks for {rule.short()}, but a {spec.detect.kind} finding can only be "
+                    f"seen by {', '.join(sorted(available))}"))
 
 
 def _check_prompts(config: ConfigSet) -> None:
@@ -338,21 +412,41 @@ def config_paths(directory: Path) -> list[Path]:
     """
     paths = [directory / "personas", directory / "policies"]
     fleet = directory / "fleet.yaml"
-    return [*paths, fleet] if fleet.exists() else paths
+    # lexists: a dangling symlink or a directory named fleet.yaml is an error to
+    # report, not a missing file to replace silently with the built-in defaults.
+    return [*paths, fleet] if os.path.lexists(fleet) else paths
 
 
-def yaml_files(paths: Iterable[Path]) -> list[Path]:
-    """The YAML files under ``paths`` (files are taken as given), in a stable order."""
+def yaml_files(paths: Iterable[Path], into: ConfigSet) -> list[Path]:
+    """The YAML files under ``paths`` (files are taken as given), in a stable order.
+
+    A directory that cannot be listed is reported in ``into``, never skipped in
+    silence. Symlinked subdirectories are not followed (no loops); a symlinked file
+    is read.
+    """
     out: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            # Hidden below `path` only: a config dir may itself live under ~/.config.
-            out.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")
-                              and not any(part.startswith(".")
-                                          for part in p.relative_to(path).parts)))
-        else:
-            out.append(path)
+        # A directory named like a YAML file (fleet.yaml made a directory by mistake)
+        # is read as the file it should be, and refused as not a regular file.
+        walk = path.is_dir() and path.suffix not in (".yaml", ".yml")
+        out.extend(_walk(path, into) if walk else [path])
     return out
+
+
+def _walk(top: Path, into: ConfigSet) -> list[Path]:
+    def unlisted(exc: OSError) -> None:
+        where = str(exc.filename or top)
+        into.errors.append(ConfigError(where, 0, "",
+                                       f"cannot read the directory: {exc.strerror or exc}"))
+        into.unlisted.append(where)
+
+    found: list[Path] = []
+    for root, dirs, files in os.walk(top, onerror=unlisted):
+        # Hidden below `top` only: a config dir may itself live under ~/.config.
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(Path(root, f) for f in files
+                     if Path(f).suffix in (".yaml", ".yml") and not f.startswith("."))
+    return sorted(found)
 
 
 def load(paths: Iterable[Path], *, strict: bool = True) -> ConfigSet:
@@ -364,11 +458,13 @@ def load(paths: Iterable[Path], *, strict: bool = True) -> ConfigSet:
     config = ConfigSet()
     paths = list(paths)
     for path in paths:
-        if not path.exists():
+        if not os.path.lexists(path):
             config.errors.append(ConfigError(str(path), 0, "", "no such file or directory"))
-    for path in yaml_files(p for p in paths if p.exists()):
+    for path in yaml_files((p for p in paths if os.path.lexists(p)), config):
         load_file(path, config)
     _cross_check(config)
+    _check_bus_users(config)
+    _check_quorums(config)
     _check_prompts(config)
     if strict and config.errors:
         raise ConfigInvalidError(config.errors)

@@ -122,11 +122,6 @@ def policy_digest(policy: RepairPolicy) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def step_quorum(remedy: Remedy, default: Quorum) -> Quorum | None:
-    """The quorum a step needs: its own, the fleet's default if destructive, else none."""
-    return remedy.quorum or (default if remedy.is_destructive else None)
-
-
 def required(policy: RepairPolicy, step: int, default: Quorum) -> Required | None:
     """The terms a proposal for ``step`` of ``policy`` must meet (None: no such step).
 
@@ -137,7 +132,7 @@ def required(policy: RepairPolicy, step: int, default: Quorum) -> Required | Non
     if not 0 <= step < len(remedies):
         return None
     remedy = remedies[step]
-    quorum = step_quorum(remedy, default)
+    quorum = remedy.quorum_under(default)
     if quorum is None:
         return Required(approvals=1, veto=(), deadline=default.deadline.total_seconds(),
                         destructive=False)
@@ -602,7 +597,7 @@ class PolicyEngine:
             action=lookup(remedy.action),
             params=remedy.typed_params(),
             destructive=destructive,
-            quorum=step_quorum(remedy, self._default_quorum),
+            quorum=remedy.quorum_under(self._default_quorum),
             dry_run=state.policy.spec.mode == "dry-run",
             finding=ladder.finding,
             offered_at=at,

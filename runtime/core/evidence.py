@@ -10,7 +10,7 @@ distinct ones (``bus.quorum`` counts them):
 - ``network``: the voter's own TCP probe of the node's kubelet port;
 - ``peer``: the presence on the bus of the agents on the target node.
 
-Each detector sees by one path (``PRIMARY``). A node found not Ready can be
+Each detector sees by one path (``runtime.model.paths.PRIMARY``). A node found not Ready can be
 corroborated by the other three: a dead kubelet shows in its host's own report, in a
 refused or unanswered port, or in the silence of the host's agents. When the API
 server says not Ready but the host's own agent says its kubelet is active and healthy,
@@ -27,18 +27,6 @@ from datetime import datetime, timedelta
 
 from bus.messages import EvidencePath, NodeReport
 from runtime.model.durations import format_duration
-from runtime.model.formats import Detect, NodeConditionDetect
-
-PRIMARY: Mapping[str, EvidencePath] = {
-    "node-condition": "apiserver",
-    "pod-crashloop": "apiserver",
-    "cordon-without-owner": "apiserver",
-    "apiserver-unreachable": "network",  # the agent's own probes of the API server's ports
-    "unit-failed": "host",  # systemd on the unit's own host
-    "peer-silent": "peer",
-    "stale-lease": "peer",  # the lease bucket and its holder's presence on the bus
-}
-"""The path each detector kind observes by."""
 
 HEALTHY = "ok"
 """The kubelet's healthz body when it is healthy."""
@@ -80,14 +68,6 @@ class Corroboration:
 
 
 NONE = Corroboration()
-
-
-def corroborates_kubelet(detect: Detect) -> bool:
-    """Whether a finding of ``detect`` means "this node's kubelet is not working", which
-    the host, network and peer paths can speak to (a node not Ready; not, say, a node
-    under disk pressure, which only the API server reports)."""
-    return (isinstance(detect, NodeConditionDetect) and detect.condition == "Ready"
-            and "True" not in detect.status)
 
 
 def kubelet_trouble(report: NodeReport) -> str | None:

@@ -23,13 +23,14 @@ from bus.messages import EvidencePath, Proposal, Required, Verdict
 from bus.quorum import looser
 from runtime.core.detecting import Detection
 from runtime.core.engine import policy_digest, required, required_at
-from runtime.core.evidence import PRIMARY, Corroboration
+from runtime.core.evidence import Corroboration
 from runtime.core.review import Check, blocking
 from runtime.core.targets import finding_behind
 from runtime.model import scopes
 from runtime.model.catalog import COMPENSATIONS, lookup
 from runtime.model.durations import format_duration
 from runtime.model.formats import Persona, Quorum, RepairPolicy
+from runtime.model.paths import PRIMARY
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from pydantic import BeforeValidator, PlainSerializer
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Longer than any window, cooldown or deadline means anything, and short enough that
+# `now + duration` stays a valid datetime (a bigger one would crash the agent later).
+MAX_DURATION = timedelta(days=3650)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -29,6 +32,9 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(
             f"expected a duration like 500ms, 15s, 2m, 1h30m or 1d, got {text!r}"
         )
+    if total > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text!r} is longer than the longest duration allowed, "
+                         f"{format_duration(MAX_DURATION)} (ten years)")
     return timedelta(seconds=total)
 
 

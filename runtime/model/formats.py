@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from bus.keys import check_user_public_key
+from bus.limits import DUPLICATE_WINDOW, MIN_STREAM_AGE
 from bus.messages import NO_EVIDENCE_RULE, EvidenceRule
 from bus.subjects import PERSONA_NAME
 from runtime.model import scopes as scoping
@@ -36,7 +38,7 @@ from runtime.model.catalog import (
     UnknownActionError,
     lookup,
 )
-from runtime.model.durations import Duration
+from runtime.model.durations import Duration, format_duration
 
 API_VERSION = "zeta/v1"
 
@@ -437,6 +439,11 @@ class Remedy(Model):
     def is_destructive(self) -> bool:
         return lookup(self.action).destructive or bool(self.destructive)
 
+    def quorum_under(self, default: Quorum) -> Quorum | None:
+        """The quorum this step needs: its own, the fleet's ``default`` if destructive,
+        else none."""
+        return self.quorum or (default if self.is_destructive else None)
+
     def typed_params(self) -> Params:
         return lookup(self.action).params.model_validate(self.params)
 
@@ -476,16 +483,75 @@ class RepairPolicy(Model):
 # ---------------------------------------------------------------- fleet
 
 
+BUS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_url(text: str, schemes: tuple[str, ...], example: str) -> str:
+    """``text`` if it is SCHEME://HOST[:PORT] with one of ``schemes``, else ValueError.
+
+    Credentials in the URL are refused: secrets never live in configuration files
+    (an agent authenticates with its nkey seed).
+    """
+    parts = urlsplit(text)
+    expected = f"expected a URL like {example}, got {text!r}"
+    if parts.scheme not in schemes:
+        raise ValueError(f"{expected}: the scheme must be one of {', '.join(schemes)}")
+    try:
+        parts.port  # noqa: B018 (urlsplit checks the port only when asked)
+    except ValueError:
+        raise ValueError(f"{expected}: the port must be a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError(f"{expected}: no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{text!r} holds credentials; secrets never live in configuration "
+                         "files (the agents authenticate with their nkey seeds)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{expected}: no path, query or fragment")
+    return text
+
+
+def check_bus_url(text: str) -> str:
+    return check_url(text, BUS_SCHEMES, "nats://10.0.0.1:4222")
+
+
+def _check_apiserver_url(text: str) -> str:
+    return check_url(text, ("https",), "https://10.0.0.1:6443")
+
+
 class BusSettings(Model):
-    urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    urls: tuple[Annotated[str, AfterValidator(check_bus_url)], ...] = Field(
+        default=("nats://127.0.0.1:4222",), min_length=1)
     auditReplicas: int = Field(default=1, ge=1, le=5)  # noqa: N815
-    auditMaxAge: Duration = timedelta(days=90)  # noqa: N815
+    auditMaxAge: Duration = Field(  # noqa: N815
+        default=timedelta(days=90),
+        description="0s keeps the audit forever; otherwise at least the stream's duplicate "
+                    "window, 10m, which nats-server requires.")
     freshness: Duration = Field(
         default=timedelta(seconds=30),
         description="Messages stamped further than this from now are dropped as stale.")
     leaseTtl: Duration = Field(  # noqa: N815
         default=timedelta(minutes=30),
         description="A repair lease nobody released expires after this long.")
+
+    @field_validator("auditMaxAge")
+    @classmethod
+    def _audit_age(cls, age: timedelta) -> timedelta:
+        # nats-server refuses a max age under the duplicate window (10m, which catches
+        # a message republished after a reconnect); 0 means no limit.
+        if timedelta(0) < age < DUPLICATE_WINDOW:
+            raise ValueError(f"must be 0s (keep forever) or at least "
+                             f"{format_duration(DUPLICATE_WINDOW)}: nats-server refuses "
+                             "an audit stream that forgets messages before its duplicate "
+                             "window ends")
+        return age
+
+    @field_validator("leaseTtl")
+    @classmethod
+    def _lease_ttl(cls, ttl: timedelta) -> timedelta:
+        if ttl < MIN_STREAM_AGE:
+            raise ValueError(f"must be at least {format_duration(MIN_STREAM_AGE)}, the "
+                             "shortest max age nats-server accepts")
+        return ttl
 
 
 class BusUser(Model):
@@ -549,8 +615,8 @@ class FleetSpec(Model):
         description="Outside systemd, secrets are read from <credentialsDir>/<persona>/.")
     quorum: Quorum = Quorum(approvals=3, veto=("riven",), deadline=timedelta(seconds=30))
     safety: Safety = Safety()
-    apiservers: tuple[str, ...] = Field(
-        default=("https://127.0.0.1:6443",),
+    apiservers: tuple[Annotated[str, AfterValidator(_check_apiserver_url)], ...] = Field(
+        default=("https://127.0.0.1:6443",), min_length=1,
         description="Kubernetes API server URLs every agent probes, each an evidence path.")
 
     @model_validator(mode="after")

@@ -58,7 +58,14 @@ from runtime.model.formats import (
     RepairPolicy,
 )
 from runtime.ops import watch as watching
-from runtime.ops.common import UserError, bus_urls_of, config_dir, load_config_dir, read_seed
+from runtime.ops.common import (
+    UserError,
+    bus_urls_of,
+    config_dir,
+    connect_within,
+    load_config_dir,
+    read_seed,
+)
 from runtime.ops.watch import describe
 
 _RAN = ("succeeded", "failed", "verified", "unverified", "compensated")
@@ -430,15 +437,9 @@ def table(summaries: Sequence[Summary]) -> list[str]:
 
 
 async def _read_audit(urls: Sequence[str], seed: bytes | None, repair: str | None,
-                      connect_within: float) -> list[Stored]:
+                      within: float) -> list[Stored]:
     connection = Connection(urls, name="zeta-agent audit", seed=seed)
-    try:
-        # Connection retries forever (right for an agent); a one-shot command gives up.
-        async with asyncio.timeout(connect_within):
-            await connection.connect()
-    except TimeoutError:
-        raise UserError(f"cannot reach the bus at {', '.join(urls)} "
-                        f"within {connect_within:g}s") from None
+    await connect_within(connection, within, urls)
     try:
         return await read(connection.js, repair)
     except StreamMissingError:

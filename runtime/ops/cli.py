@@ -5,10 +5,12 @@ Each command's handler sits with its command in ``runtime.ops``: ``run``, ``vali
 (keygen, bus init and check, freeze, thaw, pause, breaker reset) and ``think``.
 
 User mistakes (a missing directory, a bad file, an unknown persona) end with a clear
-message on stderr and a non-zero exit, never a traceback. Exit codes: 0 success;
-1 ``validate`` found errors, ``audit verify`` found violations or a control could not
-be sent; 2 the command could not start (bad usage or configuration), so a systemd unit
-can stop restarting on it with ``RestartPreventExitStatus=2``.
+message on stderr and a non-zero exit, never a traceback. Exit codes, the same for
+every command and named in each one's ``--help``: 0 success; 1 the command ran and
+found something (``validate`` errors, ``audit verify`` violations, ``bus check``
+differences); 2 it could not do its work (bad usage, a configuration that does not
+load, an unreadable file, an unreachable bus), so a systemd unit can stop restarting
+on it with ``RestartPreventExitStatus=2``; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeAlias, cast
 
+import shtab
+
 from bus.jetstream import AUDIT_STREAM
+from runtime import __version__
 from runtime.agent import logs
 from runtime.ops.audit import audit_command
 from runtime.ops.common import (
@@ -26,6 +31,7 @@ from runtime.ops.common import (
     DEFAULT_CONFIG_DIR,
     Handler,
     dispatch,
+    exit_codes,
 )
 from runtime.ops.controls import bus_resources_command, control_command, keygen_command
 from runtime.ops.render.commands import (
@@ -59,7 +65,7 @@ def _text(value: str) -> str:
 
 
 def _think_parser(commands: Commands) -> None:
-    think = commands.add_parser(
+    think = _add(commands,
         "think", help="ask a persona's model brain about a recorded incident; acts on nothing",
         description="Render PERSONA's prompt for a recorded observation snapshot, ask the "
                     "model, and print the validated candidate actions and every discarded "
@@ -102,9 +108,33 @@ def _config_dir_option(parser: argparse.ArgumentParser) -> None:
 # What add_subparsers returns; argparse has no public name for it.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
+# What exit status 1 means, for the commands where it means something.
+FINDINGS = {
+    "run": "the agent stopped on an unexpected error, or --once's tick raised (systemd "
+           "restarts it)",
+    "validate": "the configuration has errors, each printed as file:line: field: message",
+    "audit": "'verify' found violations, or --repair has no messages",
+    "check": "the bus resources differ from fleet.yaml",
+    "init": "differences remain after creating what was missing",
+    "think": "the model was unavailable",
+}
+
+
+def _add(commands: Commands, name: str, *, help: str,
+         description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its exit codes."""
+    return commands.add_parser(name, help=help, description=description,
+                               epilog=exit_codes(FINDINGS.get(name)))
+
+
+def _output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", type=Path, metavar="FILE",
+                        help="write FILE whole (temporary file, fsync, rename) instead of "
+                             "stdout; on any error FILE is left as it was")
+
 
 def _render_nats_parser(targets: Commands) -> None:
-    nats = targets.add_parser(
+    nats = _add(targets,
         "nats", help="a nats-server config: JetStream and one nkey user per persona, "
                      "operator and watcher, each allowed to publish only its own subjects")
     _config_dir_option(nats)
@@ -113,6 +143,7 @@ def _render_nats_parser(targets: Commands) -> None:
                       help=f"client address (default: {DEFAULT_NATS_LISTEN})")
     nats.add_argument("--store-dir", type=Path, default=DEFAULT_NATS_STORE, metavar="DIR",
                       help=f"JetStream's store (default: {DEFAULT_NATS_STORE})")
+    _output_option(nats)
     nats.set_defaults(handler=render_nats_command)
 
 
@@ -121,10 +152,11 @@ def _persona_or_all(command: argparse.ArgumentParser, *, every: str) -> None:
     which.add_argument("persona", nargs="?", help="the persona's name, e.g. otto")
     which.add_argument("--all", action="store_true", help=every)
     _config_dir_option(command)
+    _output_option(command)
 
 
 def _render_rbac_parser(targets: Commands) -> None:
-    command = targets.add_parser(
+    command = _add(targets,
         "rbac", help="Kubernetes ClusterRole and ClusterRoleBinding for a persona's user, "
                      "with exactly the verbs its scopes need")
     _persona_or_all(command, every="every persona, one after another")
@@ -132,23 +164,24 @@ def _render_rbac_parser(targets: Commands) -> None:
 
 
 def _render_host_parsers(targets: Commands) -> None:
-    polkit = targets.add_parser(
+    polkit = _add(targets,
         "polkit", help="polkit rules letting a persona's user start or restart exactly the "
                        "units its scopes name (and reboot only with host:node:reboot)")
     _persona_or_all(polkit, every="every persona, in one file")
     polkit.set_defaults(handler=render_polkit_command)
-    unit = targets.add_parser(
+    unit = _add(targets,
         "unit", help="the drop-in for zeta-agent@PERSONA.service: credentials and limits")
     unit.add_argument("persona", help="the persona's name, e.g. otto")
     _config_dir_option(unit)
     unit.add_argument("--credentials-dir", type=Path, metavar="DIR",
                       help="where the persona's credentials are, in PERSONA/ "
                            "(default: the fleet's credentialsDir)")
+    _output_option(unit)
     unit.set_defaults(handler=render_unit_command)
 
 
 def _keygen_parser(commands: Commands) -> None:
-    keygen = commands.add_parser(
+    keygen = _add(commands,
         "keygen", help="write a new nkey seed for a persona, operator or watcher",
         description="Write a new nkey seed to <credentials-dir>/NAME/nkey.seed (mode 0600, "
                     "never printed) and print its public key on stdout. With --write, also "
@@ -166,7 +199,7 @@ def _keygen_parser(commands: Commands) -> None:
 
 
 def _bus_parsers(commands: Commands) -> None:
-    bus = commands.add_parser(
+    bus = _add(commands,
         "bus", help="create or check the audit stream and lease bucket (operators)",
         description="Agents only check the bus resources and refuse destructive work while "
                     "they differ from fleet.yaml; an operator creates and changes them.")
@@ -174,9 +207,8 @@ def _bus_parsers(commands: Commands) -> None:
     for action, summary in (
             ("init", "create the audit stream and lease bucket if missing, then check them"),
             ("check", "say how they differ from fleet.yaml (changes nothing; exit 1 if any)")):
-        command = actions.add_parser(action, help=summary, description=summary[0].upper()
-                                     + summary[1:] + ". Exit 0: as configured; 1: differences "
-                                     "remain; 2: the bus could not be reached.")
+        command = _add(actions, action, help=summary,
+                       description=summary[0].upper() + summary[1:] + ".")
         command.add_argument("--operator", metavar="NAME",
                              help="authenticate as this operator (its seed from "
                                   "<credentialsDir>/NAME/nkey.seed)")
@@ -193,7 +225,7 @@ def _control_parsers(commands: Commands) -> None:
     for verb, summary in (("freeze", "stop all destructive work fleet-wide"),
                           ("thaw", "resume destructive work after a freeze"),
                           ("breaker-reset", "close a policy's tripped circuit breaker")):
-        command = commands.add_parser(
+        command = _add(commands,
             verb, help=f"{summary} (signed with an operator key)",
             description=f"{summary[0].upper()}{summary[1:]}: publish a control signed with "
                         f"the operator's key on zeta.control.{verb}, stored in "
@@ -219,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``zeta-agent`` argument parser, every subcommand included."""
     parser = argparse.ArgumentParser(prog="zeta-agent", description=(
         "Out-of-band repair agents for Kubernetes: named personas under systemd that "
-        "act only within their scopes, and destructive actions only with a quorum."))
+        "act only within their scopes, and destructive actions only with a quorum."),
+        epilog=exit_codes("a command found something (see the command's --help)"))
+    parser.add_argument("--version", action="version", version=f"zeta-agent {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = commands.add_parser("run", help="run one persona's agent (what systemd starts)",
+    run = _add(commands, "run", help="run one persona's agent (what systemd starts)",
                               description="Run the agent of PERSONA until SIGTERM.")
     run.add_argument("persona", help="the persona's name, e.g. otto")
     _config_dir_option(run)
@@ -233,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=logs.LEVELS, default="info")
     run.set_defaults(handler=run_command)
 
-    validate = commands.add_parser(
+    validate = _add(commands,
         "validate", help="check persona, policy and fleet files together",
         description="Check configuration without starting anything; print every error as "
                     "file:line: field: message. A DIR holding personas/ or policies/ is read "
@@ -241,24 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="*", type=Path, metavar="DIR",
                           help="directories or files (default: the config directory)")
     _config_dir_option(validate)
+    validate.add_argument("--json", action="store_true",
+                          help="one JSON object on stdout: ok, counts and every error with "
+                               "file, line, field and message")
     validate.set_defaults(handler=validate_command)
 
-    personas = commands.add_parser("personas", help="list personas: role, tier, duties, scopes")
+    personas = _add(commands, "personas", help="list personas: role, tier, duties, scopes")
     _config_dir_option(personas)
     personas.add_argument("--json", action="store_true", help="machine-readable output")
     personas.set_defaults(handler=personas_command)
 
-    render = commands.add_parser("render", help="render system files from the configuration")
+    render = _add(commands, "render", help="render system files from the configuration")
     targets = render.add_subparsers(dest="target", required=True)
-    sysusers = targets.add_parser(
+    sysusers = _add(targets,
         "sysusers", help="a sysusers.d file with one static system user per persona")
     _config_dir_option(sysusers)
+    _output_option(sysusers)
     sysusers.set_defaults(handler=render_sysusers_command)
     _render_nats_parser(targets)
     _render_rbac_parser(targets)
     _render_host_parsers(targets)
 
-    watch = commands.add_parser(
+    watch = _add(commands,
         "watch", help="a live view of the bus: presence, proposals, votes, decisions, results",
         description="Print every message on zeta.> as it arrives, verified with the keys from "
                     "the configuration; dropped messages are shown with the reason. It waits "
@@ -270,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 30; never with --json)")
     watch.set_defaults(handler=watch_command)
 
-    audit = commands.add_parser(
+    audit = _add(commands,
         "audit", help=f"read the {AUDIT_STREAM} stream: a summary per repair, one repair, "
                       "or verify",
         description=f"Without arguments: one line per repair in {AUDIT_STREAM}. With --repair: "
@@ -290,9 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     _bus_parsers(commands)
     _think_parser(commands)
 
-    version = commands.add_parser("version", help="print the version")
+    version = _add(commands, "version", help="print the version")
     version.set_defaults(handler=version_command)
+
+    completion = _add(commands,
+        "completion", help="print a shell completion script (bash, zsh or tcsh)",
+        description="Print a completion script for every command and option. bash: "
+                    "`zeta-agent completion bash > /etc/bash_completion.d/zeta-agent`; zsh: "
+                    "`zeta-agent completion zsh > \"${fpath[1]}/_zeta-agent\"`.")
+    completion.add_argument("shell", choices=("bash", "zsh", "tcsh"))
+    completion.set_defaults(handler=lambda args: completion_command(parser, args))
     return parser
+
+
+def completion_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # shtab writes the script from the parser itself, so it can never miss an option.
+    print(shtab.complete(parser, shell=args.shell), end="")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import socket
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,18 +30,20 @@ from ruamel.yaml.error import YAMLError
 from bus.connection import BusUnavailableError, Connection, subject_for
 from bus.envelope import Envelope, seal
 from bus.jetstream import AUDIT_STREAM, Settings, check, ensure
-from bus.keys import Signer
+from bus.keys import Signer, generate_user_seed
 from bus.messages import Control
 from bus.natstypes import NatsError
 from bus.subjects import PERSONA_NAME
 from runtime.agent import logs
 from runtime.agent.link import jetstream_settings
 from runtime.config.credentials import CredentialError, seed_file, write_seed
+from runtime.config.files import Staged
 from runtime.model.formats import Fleet
 from runtime.ops.common import (
     UserError,
     bus_urls_of,
     config_dir,
+    connect_within,
     fleet_of,
     load_config_dir,
     read_seed,
@@ -93,8 +93,8 @@ def _read(path: Path) -> str:
         raise OperatingError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def set_persona_key(path: Path, key: str) -> None:
-    """Replace the value of ``spec.identity.nkey`` in ``path`` with ``key``, nothing else."""
+def with_persona_key(path: Path, key: str) -> str:
+    """The text of ``path`` with the value of ``spec.identity.nkey`` replaced, nothing else."""
     text = _read(path)
     line, column = _nkey_position(text, path)
     lines = text.splitlines(keepends=True)
@@ -108,7 +108,7 @@ def set_persona_key(path: Path, key: str) -> None:
     if found is None or _nkey_of(updated) != key:
         raise OperatingError(f"{path}: could not replace the nkey on line {line + 1}; "
                              f"put {key} there by hand")
-    _replace_file(path, updated)
+    return updated
 
 
 def _nkey_of(text: str) -> object:
@@ -122,35 +122,38 @@ def keygen(name: str, *, credentials_dir: Path, persona: Path | None = None,
            force: bool = False) -> str:
     """Write a new seed for ``name``; with ``persona``, put its public key in that file.
 
-    The persona file is checked before the seed is written, so a refusal leaves
-    nothing behind. Returns the public key.
+    The new persona file is written beside the old one before the seed is written
+    (a read-only ``personas/``, as on NixOS, is refused with nothing changed), and
+    renamed into place after it. Returns the public key.
     """
+    seed = generate_user_seed()
+    key = Signer(seed).public_key
+    staged: Staged | None = None
     if persona is not None:
-        _nkey_position(_read(persona), persona)
+        text = with_persona_key(persona, key).encode("utf-8")
+        try:
+            staged = Staged(persona, text, mode=persona.stat().st_mode & 0o7777)
+        except OSError as exc:
+            raise OperatingError(f"cannot write {persona} (nothing was changed): "
+                                 f"{exc.strerror or exc}; without --write, keygen prints "
+                                 "the key to put there by other means") from None
     try:
-        key = write_seed(credentials_dir, name, force=force)
-    except CredentialError as exc:
-        raise OperatingError(str(exc)) from None
-    except OSError as exc:
-        raise OperatingError(f"cannot write a seed under {credentials_dir}: "
-                             f"{exc.strerror or exc}") from None
-    if persona is not None:
-        set_persona_key(persona, key)
+        write_seed(credentials_dir, name, force=force, seed=seed)
+    except (CredentialError, OSError) as exc:
+        if staged is not None:
+            staged.discard()
+        if isinstance(exc, CredentialError):
+            raise OperatingError(str(exc)) from None
+        raise OperatingError(f"cannot write a seed under {credentials_dir} (nothing was "
+                             f"changed): {exc.strerror or exc}") from None
+    if staged is not None:
+        try:
+            staged.commit()
+        except OSError as exc:
+            raise OperatingError(f"wrote {seed_file(credentials_dir, name)}, but could not "
+                                 f"update {persona}: {exc.strerror or exc}; put {key} in "
+                                 "its spec.identity.nkey by hand") from None
     return key
-
-
-def _replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, keeping the file's permission bits."""
-    mode = path.stat().st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- controls
@@ -188,20 +191,6 @@ def control(verb: str, *, operator: str, signer: Signer, reason: str, policy: st
     return seal("control", sender=operator, host=host, body=body, signer=signer)
 
 
-async def connect_within(connection: Connection, seconds: float, urls: Sequence[str]) -> None:
-    """Connect, or raise NotSentError after ``seconds``.
-
-    ``Connection.connect`` retries forever, as an agent must; a command run by a
-    person has to give up and say so.
-    """
-    try:
-        async with asyncio.timeout(seconds):
-            await connection.connect()
-    except TimeoutError:
-        raise NotSentError(f"cannot reach the bus at {', '.join(urls)} within {seconds:g}s "
-                           "(is it running, and is this key allowed on it?)") from None
-
-
 async def send(envelope: Envelope, *, urls: Sequence[str], seed: bytes, settings: Settings,
                within: float) -> list[str]:
     """Publish ``envelope`` into the audit stream (created if missing), as the user of ``seed``.
@@ -211,7 +200,7 @@ async def send(envelope: Envelope, *, urls: Sequence[str], seed: bytes, settings
     """
     connection = Connection(urls, name=f"zeta-agent control ({envelope.sender})", seed=seed)
     try:
-        await connect_within(connection, within, urls)
+        await connect_within(connection, within, urls, NotSentError)
         async with asyncio.timeout(within):
             problems = await ensure(connection.js, settings)
             await connection.publish(subject_for(envelope), envelope)
@@ -233,7 +222,7 @@ async def bus_resources(action: str, *, urls: Sequence[str], seed: bytes | None,
     connection = Connection(urls, name=f"zeta-agent bus {action}", seed=seed)
     run = {"init": ensure, "check": check}[action]
     try:
-        await connect_within(connection, within, urls)
+        await connect_within(connection, within, urls, NotSentError)
         async with asyncio.timeout(within):
             return await run(connection.js, settings)
     except (TimeoutError, BusUnavailableError, NatsError) as exc:
@@ -292,7 +281,7 @@ def control_command(args: argparse.Namespace) -> int:
             envelope, urls=urls, seed=seed, within=args.timeout,
             settings=jetstream_settings(config)))
     except NotSentError as exc:
-        raise UserError(str(exc), code=1) from None
+        raise UserError(str(exc)) from None
     except OperatingError as exc:
         raise UserError(str(exc)) from None
     for problem in problems:
@@ -316,7 +305,7 @@ def bus_resources_command(args: argparse.Namespace) -> int:
             args.action, urls=urls, seed=seed, settings=jetstream_settings(config),
             within=args.timeout))
     except NotSentError as exc:
-        raise UserError(str(exc), code=2) from None
+        raise UserError(str(exc)) from None
     for problem in problems:
         print(problem)
     if problems:

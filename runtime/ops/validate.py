@@ -6,12 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from runtime import __version__
 from runtime.config.loading import config_paths, load
 from runtime.model.formats import Persona
-from runtime.ops.common import UserError, config_dir, config_errors, is_config_dir, load_config_dir
+from runtime.ops.common import (
+    EXIT_FINDINGS,
+    EXIT_OK,
+    UserError,
+    config_dir,
+    config_errors,
+    is_config_dir,
+    load_config_dir,
+)
 
 
 def validate_command(args: argparse.Namespace) -> int:
@@ -20,14 +29,25 @@ def validate_command(args: argparse.Namespace) -> int:
              for p in (config_paths(path) if is_config_dir(path) else [path])]
     config = load(paths, strict=False)
     where = " ".join(map(str, given))
-    if config.errors:
-        raise config_errors(sorted(config.errors), where, code=1)
-    if not config.personas and not config.policies and config.fleet_file is None:
-        raise UserError(f"no persona, policy or fleet files under {where}", code=1)
+    errors = sorted(config.errors)
+    empty = not config.personas and not config.policies and config.fleet_file is None
+    if args.json:
+        problems = [asdict(e) for e in errors]
+        if empty and not errors:
+            problems.append({"file": where, "line": 0, "field": "",
+                             "message": "no persona, policy or fleet files"})
+        print(json.dumps({"ok": not problems, "personas": sorted(config.personas),
+                          "policies": sorted(config.policies), "fleet": config.fleet_file,
+                          "errors": problems}, indent=2))
+        return EXIT_FINDINGS if problems else EXIT_OK
+    if errors:
+        raise config_errors(errors, where, code=EXIT_FINDINGS)
+    if empty:
+        raise UserError(f"no persona, policy or fleet files under {where}", code=EXIT_FINDINGS)
     fleet = config.fleet_file or "built-in defaults"
     print(f"ok: {len(config.personas)} personas, {len(config.policies)} policies, "
           f"fleet: {fleet}")
-    return 0
+    return EXIT_OK
 
 
 def personas_command(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""``zeta-agent render …``: the system files rendered from the persona files, on stdout.
+"""``zeta-agent render …``: the system files rendered from the persona files, on stdout
+or written whole into ``--output FILE``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from runtime.model.formats import Persona
-from runtime.ops.common import UserError, config_dir, load_config_dir, persona_in
+from runtime.ops.common import UserError, config_dir, emit, load_config_dir, persona_in
 from runtime.ops.render import nats as permissions
 from runtime.ops.render import rbac
 from runtime.ops.render import units as rendering
@@ -44,7 +45,8 @@ def render_sysusers(personas: Sequence[Persona], source: str) -> str:
 def render_sysusers_command(args: argparse.Namespace) -> int:
     directory = config_dir(args.config_dir)
     config = load_config_dir(directory)
-    print(render_sysusers([p.value for p in config.personas.values()], str(directory)), end="")
+    emit(render_sysusers([p.value for p in config.personas.values()], str(directory)),
+         args.output)
     return 0
 
 
@@ -54,19 +56,17 @@ def render_nats_command(args: argparse.Namespace) -> int:
     try:
         text = permissions.render_nats(config, listen=args.listen,
                                        store_dir=str(args.store_dir), source=str(directory))
-    except permissions.DuplicateKeyError as exc:
+    except permissions.UnsafeBusError as exc:
         raise UserError(str(exc)) from None
-    print(text, end="")
+    emit(text, args.output)
     return 0
 
 
 def render_rbac_command(args: argparse.Namespace) -> int:
     directory = config_dir(args.config_dir)
     config = load_config_dir(directory)
-    if args.all:
-        print(rbac.render_all(p.value for p in config.personas.values()), end="")
-    else:
-        print(rbac.render_rbac(persona_in(config, args.persona, directory)), end="")
+    emit(rbac.render_all(p.value for p in config.personas.values()) if args.all
+         else rbac.render_rbac(persona_in(config, args.persona, directory)), args.output)
     return 0
 
 
@@ -75,9 +75,9 @@ def render_polkit_command(args: argparse.Namespace) -> int:
     config = load_config_dir(directory)
     personas = ([p.value for _, p in sorted(config.personas.items())] if args.all
                 else [persona_in(config, args.persona, directory)])
-    print(rendering.render_polkit(((p, config.policies_of(p)) for p in personas),
-                                  source=str(directory),
-                                  filename=rendering.polkit_file(args.persona)), end="")
+    emit(rendering.render_polkit(((p, config.policies_of(p)) for p in personas),
+                                 source=str(directory),
+                                 filename=rendering.polkit_file(args.persona)), args.output)
     return 0
 
 
@@ -86,6 +86,6 @@ def render_unit_command(args: argparse.Namespace) -> int:
     config = load_config_dir(directory)
     persona = persona_in(config, args.persona, directory)
     credentials = args.credentials_dir or Path(config.fleet.spec.credentialsDir)
-    print(rendering.render_unit(persona, credentials_dir=credentials, source=str(directory)),
-          end="")
+    emit(rendering.render_unit(persona, credentials_dir=credentials, source=str(directory)),
+         args.output)
     return 0

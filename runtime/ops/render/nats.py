@@ -150,7 +150,11 @@ def watcher_publish_allow() -> list[str]:
                      f"$JS.API.CONSUMER.DELETE.{LEASES_STREAM}.*"]])
 
 
-class DuplicateKeyError(ValueError):
+class UnsafeBusError(ValueError):
+    """The rendered file would not do what it promises; nothing is rendered."""
+
+
+class DuplicateKeyError(UnsafeBusError):
     """Two users share an nkey: the server could not tell them apart."""
 
 
@@ -192,9 +196,15 @@ def render_nats(config: ConfigSet, *, listen: str, store_dir: str | None,
 
     ``store_dir`` None leaves JetStream's store directory to the command line: the
     server refuses ``-sd`` together with a ``store_dir`` in its file. Raises
-    DuplicateKeyError if two identities share an nkey.
+    DuplicateKeyError if two identities share an nkey, UnsafeBusError without a persona:
+    nats-server reads an empty ``users`` list as no authorization at all, so anyone
+    could connect and freeze the fleet.
     """
     personas = [config.personas[name].value for name in sorted(config.personas)]
+    if not personas:
+        raise UnsafeBusError("no persona to render a bus for: nats-server would read an empty "
+                             "user list as no authorization and let anyone connect; add "
+                             "personas/<name>.yaml first")
     fleet = config.fleet.spec
     _check_unique_keys([*((f"persona {p.name}", p.spec.identity.nkey) for p in personas),
                         *((f"operator {u.name}", u.nkey) for u in fleet.operators),
