@@ -506,7 +506,7 @@ def add_policy(config_dir: Path, name: str, like: str, spec: Mapping[str, Any]) 
     original["spec"].update(spec)
     with (policies / f"{name}.yaml").open("w", encoding="utf-8") as stream:
         yaml.dump(original, stream)
-    for path in yaml_files([config_dir / "personas"]):
+    for path in yaml_files([config_dir / "personas"], ConfigSet()):
         persona = yaml.load(path.read_text(encoding="utf-8"))
         runs = persona["spec"].get("policies", [])
         if like in runs:

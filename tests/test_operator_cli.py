@@ -27,7 +27,7 @@ from lab.natsserver import NatsServer
 from runtime.config.credentials import SEED_FILE
 from runtime.config.loading import config_paths, load
 from runtime.ops.cli import main
-from runtime.ops.controls import connect_within
+from runtime.ops.common import connect_within
 from runtime.ops.render.nats import render_nats
 
 OPERATOR = "oncall"

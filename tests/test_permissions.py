@@ -43,7 +43,7 @@ from runtime.config.loading import ConfigSet, config_paths, load
 from runtime.core.ports import Outcome
 from runtime.model.formats import BusUser
 from runtime.ops import audit as auditing
-from runtime.ops.controls import connect_within
+from runtime.ops.common import connect_within
 from runtime.ops.render.nats import (
     DuplicateKeyError,
     lease_kinds,

@@ -44,10 +44,11 @@ def read_regular(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
             raise UnreadableError(f"a symlink to {os.readlink(path)}, "
                                   "which does not exist") from None
         raise UnreadableError(f"cannot read: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnreadableError(f"not a regular file ({_kind(mode)})")
     with os.fdopen(fd, "rb") as file:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UnreadableError(f"not a regular file ({_kind(mode)})")
         try:
             data = file.read(limit + 1)
         except OSError as exc:

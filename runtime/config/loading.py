@@ -441,11 +441,15 @@ def _walk(top: Path, into: ConfigSet) -> list[Path]:
         into.unlisted.append(where)
 
     found: list[Path] = []
-    for root, dirs, files in os.walk(top, onerror=unlisted):
+    def wanted(name: str) -> bool:
         # Hidden below `top` only: a config dir may itself live under ~/.config.
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(root, f) for f in files
-                     if Path(f).suffix in (".yaml", ".yml") and not f.startswith("."))
+        return Path(name).suffix in (".yaml", ".yml") and not name.startswith(".")
+
+    for root, dirs, files in os.walk(top, onerror=unlisted):
+        # A directory named like a YAML file is taken for one, to be refused as not a
+        # regular file rather than skipped; it is not descended into.
+        found.extend(Path(root, name) for name in [*files, *dirs] if wanted(name))
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not wanted(d)]
     return sorted(found)
 
 

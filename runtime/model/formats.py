@@ -7,12 +7,12 @@ number (see ``runtime.config.loading``) instead of a setting that silently does 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -486,28 +486,42 @@ class RepairPolicy(Model):
 BUS_SCHEMES = ("nats", "tls", "ws", "wss")
 
 
+# SCHEME://[USERINFO@]HOST[:PORT][/]: a regular expression, not urllib.parse, which
+# the model may not import (the I/O wall squashes urllib to one package).
+_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<userinfo>[^@/?#]*@)?"
+                  r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#@\s\[\]]+)(?::(?P<port>[^/?#]*))?"
+                  r"(?P<rest>.*)", re.DOTALL)
+
+
 def check_url(text: str, schemes: tuple[str, ...], example: str) -> str:
     """``text`` if it is SCHEME://HOST[:PORT] with one of ``schemes``, else ValueError.
 
     Credentials in the URL are refused: secrets never live in configuration files
     (an agent authenticates with its nkey seed).
     """
-    parts = urlsplit(text)
     expected = f"expected a URL like {example}, got {text!r}"
-    if parts.scheme not in schemes:
+    scheme, separator, _ = text.partition("://")
+    if not separator or scheme not in schemes:
         raise ValueError(f"{expected}: the scheme must be one of {', '.join(schemes)}")
-    try:
-        parts.port  # noqa: B018 (urlsplit checks the port only when asked)
-    except ValueError:
-        raise ValueError(f"{expected}: the port must be a number from 1 to 65535") from None
-    if not parts.hostname:
+    parts = _URL.fullmatch(text)
+    if parts is None:
         raise ValueError(f"{expected}: no host")
-    if parts.username is not None or parts.password is not None:
+    if parts["userinfo"] is not None:
         raise ValueError(f"{text!r} holds credentials; secrets never live in configuration "
                          "files (the agents authenticate with their nkey seeds)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
+    port = parts["port"]
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{expected}: the port must be a number from 1 to 65535")
+    if parts["rest"] not in ("", "/"):
         raise ValueError(f"{expected}: no path, query or fragment")
     return text
+
+
+def _some(values: tuple[str, ...]) -> tuple[str, ...]:
+    # Not min_length: pydantic would add "too short" to every bad item's own error.
+    if not values:
+        raise ValueError("at least one URL is needed")
+    return values
 
 
 def check_bus_url(text: str) -> str:
@@ -519,8 +533,8 @@ def _check_apiserver_url(text: str) -> str:
 
 
 class BusSettings(Model):
-    urls: tuple[Annotated[str, AfterValidator(check_bus_url)], ...] = Field(
-        default=("nats://127.0.0.1:4222",), min_length=1)
+    urls: Annotated[tuple[Annotated[str, AfterValidator(check_bus_url)], ...],
+                    AfterValidator(_some)] = ("nats://127.0.0.1:4222",)
     auditReplicas: int = Field(default=1, ge=1, le=5)  # noqa: N815
     auditMaxAge: Duration = Field(  # noqa: N815
         default=timedelta(days=90),
@@ -615,8 +629,9 @@ class FleetSpec(Model):
         description="Outside systemd, secrets are read from <credentialsDir>/<persona>/.")
     quorum: Quorum = Quorum(approvals=3, veto=("riven",), deadline=timedelta(seconds=30))
     safety: Safety = Safety()
-    apiservers: tuple[Annotated[str, AfterValidator(_check_apiserver_url)], ...] = Field(
-        default=("https://127.0.0.1:6443",), min_length=1,
+    apiservers: Annotated[tuple[Annotated[str, AfterValidator(_check_apiserver_url)], ...],
+                          AfterValidator(_some)] = Field(
+        default=("https://127.0.0.1:6443",),
         description="Kubernetes API server URLs every agent probes, each an evidence path.")
 
     @model_validator(mode="after")
