@@ -32,8 +32,10 @@ python3Packages.buildPythonApplication {
   ];
 
   postInstall = ''
-    mkdir -p $out/share/zeta-agent $out/lib/systemd/system $out/lib/tmpfiles.d
+    mkdir -p $out/share/zeta-agent $out/share/doc/zeta-agent $out/lib/systemd/system \
+      $out/lib/tmpfiles.d
     cp -r personas policies $out/share/zeta-agent/
+    cp docs/*.md $out/share/doc/zeta-agent/
     cp systemd/zeta-agent@.service systemd/zeta-agents.target systemd/zeta-bus.service \
       $out/lib/systemd/system/
     cp systemd/tmpfiles.d/zeta-agent.conf $out/lib/tmpfiles.d/
@@ -41,6 +43,9 @@ python3Packages.buildPythonApplication {
       --replace-fail /opt/zeta-agent/bin/zeta-agent $out/bin/zeta-agent
     substituteInPlace $out/lib/systemd/system/zeta-bus.service \
       --replace-fail /opt/zeta-agent/bin/nats-server ${nats-server}/bin/nats-server
+    # Documentation= names the docs where a plain host installs them.
+    substituteInPlace $out/lib/systemd/system/*.service $out/lib/systemd/system/*.target \
+      --replace-quiet file:/usr/share/doc/zeta-agent file:$out/share/doc/zeta-agent
   '';
 
   # The test suite starts nats-server, a Kubernetes control plane and systemd

@@ -6,9 +6,10 @@ README.md and docs/*.md (``a && b`` is two commands). Each one is either
 - a synopsis (it has ``[optional]`` parts): every ``--flag`` it shows must be in the
   command's ``--help``;
 - in ``RUN``: run with bash through the installed ``.venv/bin/zeta-agent``, in a sandbox
-  that stands in for a fresh host (``/etc``, ``/usr/lib``, ``/opt``, ``/var`` and ``~``
-  live under a temporary root; ``/etc/zeta`` holds a copy of the shipped configuration,
-  with its placeholder keys and no seeds, as after ``cp personas/*.yaml /etc/zeta/…``),
+  that stands in for a fresh host (``/etc``, ``/usr/lib``, ``/usr/share``, ``/opt``,
+  ``/var`` and ``~`` live under a temporary root; ``/etc/zeta`` holds a copy of the
+  shipped configuration, with its placeholder keys and no seeds, as after
+  ``cp personas/*.yaml /etc/zeta/…``),
   from a view of this checkout; a ```console block's output must be what it prints;
 - in ``SKIP`` or ``SKIP_PREFIXES``, with the reason it cannot run on a dev machine.
 
@@ -152,7 +153,8 @@ def sandbox(tmp: Path) -> Sandbox:
 
 def in_root(command: str, root: Path) -> str:
     """``command`` with the host's absolute paths moved under the sandbox root."""
-    return re.sub(r"(?<![\w./~-])/(etc|usr/lib|opt|var)/", lambda m: f"{root}/{m[1]}/", command)
+    return re.sub(r"(?<![\w./~-])/(etc|usr/lib|usr/share|opt|var)/", lambda m: f"{root}/{m[1]}/",
+                  command)
 
 
 # ---------------------------------------------------------------- set-ups
@@ -239,6 +241,10 @@ RUN: dict[str, Run] = {
             "of serving"),
     INSTALL_UNITS: Run(),
     "cp systemd/tmpfiles.d/zeta-agent.conf /usr/lib/tmpfiles.d/": Run(),
+    "mkdir -p /usr/share/doc/zeta-agent": Run(),
+    "cp docs/*.md /usr/share/doc/zeta-agent/": Run(
+        shell="mkdir -p /usr/share/doc/zeta-agent && cp docs/*.md /usr/share/doc/zeta-agent/",
+        why="each command runs in a fresh sandbox: the mkdir just before it, again"),
     "cp personas/*.yaml /etc/zeta/personas/": Run(),
     "cp policies/*.yaml /etc/zeta/policies/": Run(),
     "for p in otto alexa riven vera lior; do zeta-agent keygen $p --write; done": Run(),

@@ -418,3 +418,61 @@ async def test_audit_with_a_key_the_bus_refuses_says_so(
     assert code == 2
     assert f"the bus at {server.url} refused the credentials" in err
     assert "cannot reach the bus" not in err
+
+
+# ---------------------------------------------------------------- the journal
+
+
+def _journal_env(path: Path) -> dict[str, str]:
+    """The environment systemd gives a unit whose output goes to ``path``'s stream."""
+    status = path.stat()
+    return {**os.environ, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+
+
+def test_each_record_reaches_the_journal_at_its_own_priority(tmp_path: Path) -> None:
+    out = tmp_path / "stream"
+    out.touch()
+    script = ("import structlog; from runtime.agent import logs; logs.configure('json'); "
+              "log = structlog.get_logger('t'); log.info('fine', n=1); "
+              "log.warning('hmm'); log.error('broken', n=2); "
+              "import logging; logging.getLogger('nats').error('library error')")
+    with out.open("w") as stream:
+        subprocess.run([sys.executable, "-c", script], stdout=stream, env=_journal_env(out),
+                       check=True, timeout=30)
+    lines = out.read_text().splitlines()
+    assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>", "<3>"]
+    assert json.loads(lines[2][3:])["n"] == 2, "the structured fields are kept"
+    # Redirected elsewhere (not the stream systemd connected), nothing is prefixed.
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env=_journal_env(out), check=True, timeout=30)
+    assert plain.stdout.startswith("{")
+
+
+def test_start_up_errors_and_crashes_are_errors_in_the_journal(
+        config_copy: Path, tmp_path: Path) -> None:
+    err = tmp_path / "stderr"
+    err.touch()
+    otto = config_copy / "personas" / "otto.yaml"
+    otto.write_text(otto.read_text().replace("displayName: Otto", "displayNme: Otto"))
+    with err.open("w") as stream:
+        done = subprocess.run([sys.executable, "-m", "runtime", "run", "otto", "--config-dir",
+                               str(config_copy)], stderr=stream, env=_journal_env(err),
+                              timeout=60, check=False)
+    assert done.returncode == 2
+    lines = err.read_text().splitlines()
+    assert lines
+    assert all(line.startswith("<3>") for line in lines), lines
+    # An exception nothing caught: one critical record holding the traceback.
+    out = tmp_path / "stdout"
+    out.touch()
+    script = ("from runtime.agent import logs; logs.configure('json'); logs.log_uncaught(); "
+              "raise RuntimeError('boom')")
+    with out.open("w") as stream:
+        crashed = subprocess.run([sys.executable, "-c", script], stdout=stream,
+                                 env=_journal_env(out), timeout=30, check=False)
+    assert crashed.returncode == 1
+    [line] = out.read_text().splitlines()
+    assert line.startswith("<2>")
+    record = json.loads(line[3:])
+    assert record["event"] == "agent crashed"
+    assert "RuntimeError: boom" in record["exception"]

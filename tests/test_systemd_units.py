@@ -165,6 +165,24 @@ def test_agents_start_without_the_cluster_and_belong_to_the_target() -> None:
     assert values(unit, "Service", "Restart") == ["always"]
 
 
+@pytest.mark.parametrize("name", SHIPPED_UNITS)
+def test_every_unit_names_its_documentation_and_the_docs_exist(name: str) -> None:
+    """``systemctl help UNIT`` and ``systemctl status`` show where to read more."""
+    pages = [uri for value in values(UNITS / name, "Unit", "Documentation")
+             for uri in value.split() if uri.startswith("file:/usr/share/doc/zeta-agent/")]
+    assert pages, name
+    for uri in pages:  # installed from docs/ (docs/operations.md, nix/package.nix)
+        assert (REPO / "docs" / Path(uri).name).is_file(), uri
+
+
+def test_the_target_does_not_pull_in_network_target() -> None:
+    # systemd.special(7): only network management services pull in network.target.
+    for name in SHIPPED_UNITS:
+        wanted = [u for key in ("Wants", "Requires") for value in values(UNITS / name, "Unit", key)
+                  for u in value.split()]
+        assert "network.target" not in wanted, name
+
+
 def test_every_directive_that_needs_a_reason_has_one() -> None:
     """Non-obvious directives carry a comment on the line(s) just above them."""
     obvious = {"Description", "Documentation", "Type", "ExecStart", "Restart", "RestartSec",

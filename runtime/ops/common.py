@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bus.connection import Connection
 from bus.keys import Signer
+from runtime.agent import logs
 from runtime.config.credentials import SEED_LIMIT
 from runtime.config.files import UnreadableError, read_regular, write_atomic
 from runtime.config.loading import (
@@ -166,9 +167,10 @@ def dispatch(prog: str, handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except UserError as exc:
-        for line in exc.lines:
-            print(line, file=sys.stderr)
-        print(f"{prog}: {exc}", file=sys.stderr)
+        # Under systemd (`run`), the journal files these at priority err.
+        journal = logs.is_journal(sys.stderr)
+        for line in [*exc.lines, f"{prog}: {exc}"]:
+            print(logs.journal_line(3, line) if journal else line, file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

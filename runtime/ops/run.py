@@ -19,4 +19,5 @@ def run_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot create the state directory: {exc}") from None
     logs.configure(args.log_format, level=args.log_level)
+    logs.log_uncaught()
     return wiring.serve(config, persona.name, state_dir=state_dir, once=args.once)
