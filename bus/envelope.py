@@ -137,7 +137,7 @@ class Verifier:
         parsed = _parse(data)
         if isinstance(parsed, Dropped):
             return parsed
-        obj, env, body = parsed
+        signed, env, body = parsed
         expected = subjects.parse(subject)
         if expected is None or expected.kind != env.kind or (
                 expected.sender is not None and expected.sender != env.sender) or (
@@ -155,7 +155,7 @@ class Verifier:
             signature = _unb64(env.sig)
         except (binascii.Error, ValueError):
             return Dropped("bad-signature", "signature is not base64url")
-        if not verify(configured, canonical(obj), signature):
+        if not verify(configured, signed, signature):
             return Dropped("bad-signature", f"signature does not verify for {env.sender!r}")
         if not live:
             return Accepted(env, body)
@@ -178,14 +178,17 @@ class Verifier:
             self._seen.discard(heapq.heappop(self._expiry)[1])
 
 
-def _parse(data: bytes) -> tuple[dict[str, Any], Envelope, BaseModel] | Dropped:
-    """Everything about a message that needs no key: size, JSON, version, shape."""
+def _parse(data: bytes) -> tuple[bytes, Envelope, BaseModel] | Dropped:
+    """Everything about a message that needs no key: size, JSON, version, shape, and
+    the bytes its signature must cover."""
     if len(data) > MAX_MESSAGE_BYTES:
         return Dropped("oversized", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         return Dropped("not-json", str(exc)[:200])
+    except RecursionError:  # 64 KiB of `[` nest deeper than the parser's stack
+        return Dropped("not-json", "nested too deeply")
     if not isinstance(obj, dict):
         return Dropped("malformed", "not a JSON object")
     if obj.get("v") != VERSION:
@@ -197,4 +200,8 @@ def _parse(data: bytes) -> tuple[dict[str, Any], Envelope, BaseModel] | Dropped:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"]))
         return Dropped("malformed", f"{where}: {first['msg']} ({exc.error_count()} errors)")
-    return obj, env, body
+    try:
+        signed = canonical(obj)
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate; UTF-8 cannot hold it
+        return Dropped("malformed", "a string holds a lone surrogate, which is not text")
+    return signed, env, body

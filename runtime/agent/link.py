@@ -113,7 +113,7 @@ def peek_control(data: bytes) -> Control | None:
     try:
         body = json.loads(data).get("body")
         return Control.model_validate(body)
-    except (ValueError, AttributeError, ValidationError):
+    except (ValueError, AttributeError, ValidationError, RecursionError):
         return None
 
 

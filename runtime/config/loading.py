@@ -102,7 +102,8 @@ def _yaml() -> YAML:
 
 def _line_at(node: Any, path: Iterable[str | int]) -> int:
     """1-based line of the deepest element of ``path`` present in ``node``."""
-    line = getattr(getattr(node, "lc", None), "line", 0) + 1
+    # A tagged scalar (`=` is YAML's value tag) has a position object with no line.
+    line = (getattr(getattr(node, "lc", None), "line", None) or 0) + 1
     for part in path:
         if isinstance(node, CommentedMap) and part in node:
             line = node.lc.key(part)[0] + 1
@@ -206,19 +207,26 @@ def _explain(error: Any, model: type[BaseModel], loc: Sequence[str | int], data:
 # ---------------------------------------------------------------- files
 
 
-def _documents(path: Path, into: ConfigSet) -> Iterator[CommentedMap]:
-    errors = into.errors
+def _parse(path: Path) -> list[Any] | ConfigError:
+    """The YAML documents in ``path``, or the one error that says why there are none."""
     try:
-        docs = list(_yaml().load_all(read_text(path)))
-    except (YAMLError, UnreadableError) as exc:
-        if isinstance(exc, MarkedYAMLError):
-            mark = exc.problem_mark or exc.context_mark
-            errors.append(ConfigError(str(path), (mark.line + 1) if mark else 0, "",
-                                      f"not valid YAML: {exc.problem or exc.context}"))
-        elif isinstance(exc, UnreadableError):
-            errors.append(ConfigError(str(path), 0, "", str(exc)))
-        else:
-            errors.append(ConfigError(str(path), 0, "", f"not valid YAML: {exc}"))
+        return list(_yaml().load_all(read_text(path)))
+    except UnreadableError as exc:
+        return ConfigError(str(path), 0, "", str(exc))
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        return ConfigError(str(path), (mark.line + 1) if mark else 0, "",
+                           f"not valid YAML: {exc.problem or exc.context}")
+    except YAMLError as exc:
+        return ConfigError(str(path), 0, "", f"not valid YAML: {exc}")
+    except RecursionError:  # `[[[[…` deeper than the parser's stack
+        return ConfigError(str(path), 0, "", "not valid YAML: nested too deeply")
+
+
+def _documents(path: Path, into: ConfigSet) -> Iterator[CommentedMap]:
+    docs = _parse(path)
+    if isinstance(docs, ConfigError):
+        into.errors.append(docs)
         # What the file defines is unknown; its name is the best guess (a persona's
         # must match it), so references to it are not reported again as missing.
         into.invalid.update({("Persona", path.stem), ("RepairPolicy", path.stem)})
@@ -227,8 +235,9 @@ def _documents(path: Path, into: ConfigSet) -> Iterator[CommentedMap]:
         if doc is None:
             continue
         if not isinstance(doc, CommentedMap):
-            errors.append(ConfigError(str(path), _line_at(doc, ()), "",
-                                      "expected a mapping with apiVersion, kind, metadata, spec"))
+            into.errors.append(ConfigError(
+                str(path), _line_at(doc, ()), "",
+                "expected a mapping with apiVersion, kind, metadata, spec"))
             continue
         yield doc
 

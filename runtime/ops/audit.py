@@ -102,7 +102,7 @@ def _label(stored: Stored) -> tuple[str, str]:
     """(repair, message id) of a message for reporting, read leniently: it may be garbage."""
     try:
         obj = json.loads(stored.data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         obj = None
     route = subjects.parse(stored.subject)
     repair = route.repair if route is not None and route.repair else "-"
