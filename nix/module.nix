@@ -17,6 +17,22 @@ let
   cfg = config.services.zeta-agents;
   yaml = pkgs.formats.yaml { };
   json = pkgs.formats.json { };
+  option = "services.zeta-agents";
+
+  # The patterns the agent enforces (bus/subjects.py, runtime/model/formats.py), checked
+  # here so that a bad name is an assertion naming the option, not a shell word in a
+  # build script (every name also goes through escapeShellArg below).
+  personaName = "[a-z][a-z0-9-]{0,25}";
+  policyName = "[a-z0-9][a-z0-9-]{0,62}";
+  templateName = "[A-Za-z0-9][A-Za-z0-9._-]*\\.j2";
+  badNames = pattern: names: lib.filter (n: builtins.match pattern n == null) names;
+
+  # nats-server keys the rendered configuration owns: one given in bus.settings would
+  # replace the generated block (every persona user dropped, or the store moved).
+  ownedBusKeys = [ "authorization" "accounts" "jetstream" "no_auth_user" ];
+  stateRoot = "/var/lib/";
+  sh = lib.escapeShellArg;
+  id = lib.strings.escapeNixIdentifier;  # an attribute name as an option path shows it
 
   document = kind: name: spec: {
     apiVersion = "zeta/v1";
@@ -30,28 +46,47 @@ let
 
   policyFile = name: spec: yaml.generate "${name}.yaml" (document "RepairPolicy" name spec);
 
+  # Which option each file of /etc/zeta comes from, printed when validation fails: the
+  # build log shows store paths, the operator edits options.
+  legend = lib.concatStringsSep "\n" (
+    lib.mapAttrsToList (name: persona: "personas/${name}.yaml: ${option}.personas.${id name}."
+      + (if persona.file != null then "file" else "settings")) cfg.personas
+    ++ lib.mapAttrsToList (name: _: "policies/${name}.yaml: ${option}.policies.${id name}")
+      cfg.policies
+    ++ lib.mapAttrsToList (name: _: "personas/${name}: ${option}.prompts.${id name}") cfg.prompts
+    ++ [ "fleet.yaml: ${option}.fleet" ]);
+
   # /etc/zeta as one store path: shipped policies (unless turned off), the configured
-  # ones over them, personas and fleet.yaml; refused at build time if invalid.
+  # ones over them, personas with the prompt templates a model brain reads beside them,
+  # and fleet.yaml; refused at build time if invalid.
   configDir = pkgs.runCommand "zeta-config" { nativeBuildInputs = [ cfg.package ]; } ''
     mkdir -p $out/personas $out/policies
     ${lib.optionalString cfg.shippedPolicies
       "cp ${cfg.package}/share/zeta-agent/policies/*.yaml $out/policies/"}
+    cp ${cfg.package}/share/zeta-agent/personas/*.prompt.j2 $out/personas/
     ${lib.concatStrings (lib.mapAttrsToList
-      (name: spec: "cp ${policyFile name spec} $out/policies/${name}.yaml\n") cfg.policies)}
+      (name: file: "cp ${file} $out/personas/${sh name}\n") cfg.prompts)}
     ${lib.concatStrings (lib.mapAttrsToList
-      (name: persona: "cp ${personaFile name persona} $out/personas/${name}.yaml\n")
+      (name: spec: "cp ${policyFile name spec} $out/policies/${sh "${name}.yaml"}\n")
+      cfg.policies)}
+    ${lib.concatStrings (lib.mapAttrsToList
+      (name: persona: "cp ${personaFile name persona} $out/personas/${sh "${name}.yaml"}\n")
       cfg.personas)}
     cp ${yaml.generate "fleet.yaml" (document "Fleet" "fleet" cfg.fleet)} $out/fleet.yaml
-    zeta-agent validate $out
+    if ! zeta-agent validate $out; then
+      echo "The files above come from these options:" >&2
+      echo ${sh legend} >&2
+      exit 1
+    fi
   '';
 
   # Rendered from the same configuration the agents read, with the same code.
   rendered = pkgs.runCommand "zeta-rendered" { nativeBuildInputs = [ cfg.package ]; } ''
     mkdir -p $out
-    zeta-agent render polkit --all --config-dir ${configDir} > $out/polkit.rules
+    zeta-agent render polkit --all --config-dir ${configDir} -o $out/polkit.rules
     zeta-agent render nats --config-dir ${configDir} \
       --listen ${lib.escapeShellArg cfg.bus.settings.listen} \
-      --store-dir ${lib.escapeShellArg cfg.bus.settings.store_dir} > $out/nats.conf
+      --store-dir ${lib.escapeShellArg cfg.bus.settings.store_dir} -o $out/nats.conf
     echo 'include "nats-extra.json"' >> $out/nats.conf
   '';
 
@@ -132,6 +167,17 @@ in
       description = "RepairPolicy specs by name, rendered to /etc/zeta/policies/<name>.yaml.";
     };
 
+    prompts = lib.mkOption {
+      type = lib.types.attrsOf lib.types.path;
+      default = { };
+      example = lib.literalExpression ''{ "nova.prompt.j2" = ./nova.prompt.j2; }'';
+      description = ''
+        Prompt templates (file name to file) installed in /etc/zeta/personas next to the
+        persona files, for personas with the Anthropic brain; the shipped templates
+        (base, vote, incident and one per shipped persona) are always installed.
+      '';
+    };
+
     shippedPolicies = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -142,6 +188,17 @@ in
       type = yaml.type;
       default = { };
       description = "The Fleet spec (bus URLs, operators, quorum, API servers) for fleet.yaml.";
+    };
+
+    generated = lib.mkOption {
+      type = lib.types.attrsOf lib.types.anything;
+      internal = true;
+      readOnly = true;
+      description = ''
+        What the module builds: the /etc/zeta tree (configDir), the files rendered from it
+        (rendered: polkit.rules, nats.conf) and the bus's extra settings (busExtra). For
+        tests, and for a check that wants to run `zeta-agent` on them.
+      '';
     };
 
     bus = {
@@ -158,7 +215,10 @@ in
             store_dir = lib.mkOption {
               type = lib.types.str;
               default = "/var/lib/zeta-bus";
-              description = "JetStream's store: the unit's StateDirectory.";
+              description = ''
+                JetStream's store, under /var/lib: it becomes a StateDirectory= of
+                zeta-bus.service, the only place its DynamicUser= may write.
+              '';
             };
           };
         };
@@ -172,10 +232,51 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    services.zeta-agents.generated = { inherit configDir rendered busExtra; };
+
     assertions = lib.mapAttrsToList (name: persona: {
       assertion = (persona.file == null) != (persona.settings == null);
-      message = "services.zeta-agents.personas.${name}: set exactly one of file and settings";
-    }) cfg.personas;
+      message = "${option}.personas.${name}: set exactly one of file and settings";
+    }) cfg.personas
+    ++ map (name: {
+      assertion = false;
+      message = "${option}.personas.${id name}: a persona name is lowercase "
+        + "letters, digits and '-', starting with a letter, at most 26 characters (it is "
+        + "the systemd instance name and part of the user name zeta-<name>)";
+    }) (badNames personaName (lib.attrNames cfg.personas))
+    ++ map (name: {
+      assertion = false;
+      message = "${option}.policies.${id name}: a policy name is lowercase "
+        + "letters, digits and '-', at most 63 characters";
+    }) (badNames policyName (lib.attrNames cfg.policies))
+    ++ map (name: {
+      assertion = false;
+      message = "${option}.prompts.${id name}: a template file name ends in "
+        + ".j2 and holds no '/'";
+    }) (badNames templateName (lib.attrNames cfg.prompts))
+    ++ [
+      {
+        # An empty user list is no authorization at all to nats-server: anyone could
+        # connect and freeze the fleet (`zeta-agent render nats` refuses it too).
+        assertion = !cfg.bus.enable || cfg.personas != { };
+        message = "${option}.bus.enable: the bus needs at least one persona in "
+          + "${option}.personas; without users nats-server would let anyone connect";
+      }
+      {
+        assertion = lib.hasPrefix stateRoot cfg.bus.settings.store_dir
+          && builtins.match ".*(^|/)\\.\\.?(/.*|$)" cfg.bus.settings.store_dir == null
+          && cfg.bus.settings.store_dir != stateRoot;
+        message = "${option}.bus.settings.store_dir: ${cfg.bus.settings.store_dir} is not "
+          + "a directory under /var/lib; zeta-bus.service (DynamicUser=) can write only "
+          + "its StateDirectory=";
+      }
+    ]
+    ++ map (key: {
+      assertion = false;
+      message = "${option}.bus.settings.${key}: rendered from the personas by "
+        + "`zeta-agent render nats`; a value here would replace it (users dropped, or "
+        + "the JetStream store moved). Use ${option}.bus.settings.store_dir for the store.";
+    }) (lib.filter (key: cfg.bus.settings ? ${key}) ownedBusKeys);
 
     environment.etc = {
       "zeta/personas".source = "${configDir}/personas";
@@ -221,6 +322,9 @@ in
         overrideStrategy = "asDropin";
         wantedBy = [ "multi-user.target" ];
         reloadTriggers = [ rendered busExtra ];
+        # The store, wherever under /var/lib it is, owned and writable by the unit.
+        serviceConfig.StateDirectory = lib.unique [ "zeta-bus"
+          (lib.removePrefix stateRoot cfg.bus.settings.store_dir) ];
       };
     };
   };

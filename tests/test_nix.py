@@ -1,9 +1,8 @@
 """The Nix expressions: they parse (``nix-instantiate --parse``, Debian's nix-bin), have the
 arguments NixOS and callPackage pass, and agree with the files they build from.
 
-Evaluating the module for real needs nixpkgs (its ``lib`` and ``pkgs``), which is not
-on this machine or in CI; the build-time checks inside the module (``zeta-agent
-validate`` on the rendered /etc/zeta) run on a NixOS host.
+The module is also evaluated with the real nixpkgs ``lib``, its assertions checked and
+its build scripts run: tests/test_nix_module.py.
 """
 
 from __future__ import annotations
