@@ -476,3 +476,17 @@ def test_start_up_errors_and_crashes_are_errors_in_the_journal(
     record = json.loads(line[3:])
     assert record["event"] == "agent crashed"
     assert "RuntimeError: boom" in record["exception"]
+
+
+def test_a_bus_url_that_is_not_one_is_refused_on_the_command_line_and_in_the_environment(
+        config_copy: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["audit", "--config-dir", str(config_copy), "--bus", "localhost:4222"])
+    assert exit_.value.code == 2
+    assert "argument --bus: expected a URL like nats://" in errors_of(capsys)
+    monkeypatch.setenv("ZETA_NATS_URL", "nats://127.0.0.1:4222,127.0.0.1:4223")
+    assert main(["run", "otto", "--once", "--config-dir", str(config_copy)]) == 2
+    assert "$ZETA_NATS_URL: expected a URL like nats://" in errors_of(capsys)
+    assert main(["audit", "--config-dir", str(config_copy)]) == 2
+    assert "$ZETA_NATS_URL: " in errors_of(capsys)

@@ -25,7 +25,15 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from runtime.config.files import UnreadableError, read_text
 from runtime.config.templates import check_template
 from runtime.model import paths
-from runtime.model.formats import DEFAULT_FLEET, KINDS, AnthropicBrain, Fleet, Persona, RepairPolicy
+from runtime.model.formats import (
+    DEFAULT_FLEET,
+    KINDS,
+    AnthropicBrain,
+    Fleet,
+    Persona,
+    RepairPolicy,
+    check_bus_url,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -485,7 +493,17 @@ def load(paths: Iterable[Path], *, strict: bool = True) -> ConfigSet:
 
 
 def bus_urls(config: ConfigSet, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-    """The bus to connect to: ``$ZETA_NATS_URL`` (comma-separated) overrides fleet.yaml."""
+    """The bus to connect to: ``$ZETA_NATS_URL`` (comma-separated) overrides fleet.yaml.
+
+    Raises ValueError naming the variable when one of its URLs is not a bus URL
+    (fleet.yaml's own are checked when it is loaded).
+    """
     if override := environ.get("ZETA_NATS_URL", "").strip():
-        return tuple(u.strip() for u in override.split(",") if u.strip())
+        urls = tuple(u.strip() for u in override.split(",") if u.strip())
+        for url in urls:
+            try:
+                check_bus_url(url)
+            except ValueError as exc:
+                raise ValueError(f"$ZETA_NATS_URL: {exc}") from None
+        return urls
     return config.fleet.spec.bus.urls

@@ -25,6 +25,7 @@ import shtab
 from bus.jetstream import AUDIT_STREAM
 from runtime import __version__
 from runtime.agent import logs
+from runtime.model.formats import check_bus_url
 from runtime.ops.audit import audit_command
 from runtime.ops.common import (
     CONFIG_ENV,
@@ -58,6 +59,13 @@ def _listen(value: str) -> str:
     return value
 
 
+def _bus_url(value: str) -> str:
+    try:
+        return check_bus_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _text(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -87,7 +95,7 @@ def _think_parser(commands: Commands) -> None:
 
 
 def _bus_url_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bus", action="append", metavar="URL",
+    parser.add_argument("--bus", action="append", metavar="URL", type=_bus_url,
                         help="NATS URL, repeatable (default: $ZETA_NATS_URL, else the "
                              "fleet's bus.urls)")
 

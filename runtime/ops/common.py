@@ -90,9 +90,14 @@ def persona_in(config: ConfigSet, name: str, directory: Path) -> Persona:
     return config.persona(name)
 
 
-def bus_urls_of(args: argparse.Namespace, config: ConfigSet) -> list[str]:
+def bus_urls_of(args: argparse.Namespace | None, config: ConfigSet) -> list[str]:
     """--bus, else $ZETA_NATS_URL, else fleet.yaml: the same order as the agents use."""
-    return list(args.bus or bus_urls(config))
+    if args is not None and args.bus:
+        return list(args.bus)
+    try:
+        return list(bus_urls(config))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 async def connect_within(connection: Connection, seconds: float, urls: Sequence[str],

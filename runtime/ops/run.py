@@ -7,13 +7,14 @@ import argparse
 
 from runtime.agent import logs, wiring
 from runtime.agent import loop as agent
-from runtime.ops.common import UserError, config_dir, load_config_dir, persona_in
+from runtime.ops.common import UserError, bus_urls_of, config_dir, load_config_dir, persona_in
 
 
 def run_command(args: argparse.Namespace) -> int:
     directory = config_dir(args.config_dir)
     config = load_config_dir(directory)
     persona = persona_in(config, args.persona, directory)
+    bus_urls_of(None, config)  # a bad $ZETA_NATS_URL is a start-up error (exit 2), not a crash
     try:
         state_dir = agent.state_directory(persona.name)
     except OSError as exc:
