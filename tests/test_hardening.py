@@ -388,6 +388,9 @@ def test_every_command_documents_its_exit_codes_in_help_and_in_the_docs() -> Non
         if "; 1 " in epilog:
             assert f"`zeta-agent {' '.join(command)}`" in operations, (
                 f"{command}: its exit status 1 is not in docs/operations.md")
+        for action in parser._actions:
+            if "--bus" in action.option_strings:
+                assert "$ZETA_NATS_URL" in (action.help or ""), command
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh"])
