@@ -87,6 +87,11 @@ class GoTool:
 
 NATSCLI = GoTool("natscli", "github.com/nats-io/natscli/nats", "v0.5.0", "nats")
 """Pinned: tests/test_natscli.py parses the output format of this exact version."""
+ALERTMANAGER = GoTool("alertmanager", "github.com/prometheus/alertmanager/cmd/alertmanager",
+                      "v0.28.1", "alertmanager")
+"""The router SREs already run; the agents post to its API v2 (runtime/agent/alerting.py).
+v0.28.1: v0.35.0, the newest served, embeds a UI build (ui/app/dist) that its module zip
+lacks, so `go install` fails on it."""
 
 
 def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -188,6 +193,12 @@ def _build(tool: GoTool, target: Path, path: Path, environ: Mapping[str, str],
 def natscli(environ: Mapping[str, str] = os.environ, progress: Progress = stderr_progress) -> Path:
     """The pinned ``nats`` CLI, built on first use."""
     return ensure_built(NATSCLI, environ=environ, progress=progress)
+
+
+def alertmanager(environ: Mapping[str, str] = os.environ,
+                 progress: Progress = stderr_progress) -> Path:
+    """The pinned Alertmanager, built on first use."""
+    return ensure_built(ALERTMANAGER, environ=environ, progress=progress)
 
 
 # ---------------------------------------------------------------- example messages

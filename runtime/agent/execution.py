@@ -71,6 +71,11 @@ class Execution:
         self._repairs: dict[str, tuple[str, leases.Lease | None]] = {}  # intent id → repair, lease
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def repair_of(self, intent_id: str) -> str | None:
+        """The bus repair id of an intent in flight (None: not one of ours, or none yet)."""
+        entry = self._repairs.get(intent_id)
+        return entry[0] if entry is not None else None
+
     def refusal(self, intent: Intent | None = None) -> str | None:
         """Why nothing needing a quorum may start now (None: it may); for ``intent``,
         why it may not (a compensation is not stopped by a freeze)."""

@@ -25,16 +25,19 @@ from typing import Any
 
 import structlog
 
+from runtime.agent.alerting import AgentAlerts
 from runtime.agent.deliberating import Deliberator
 from runtime.agent.execution import Carried, Execution
 from runtime.agent.link import BusLink
 from runtime.agent.metrics import Metrics
 from runtime.agent.observing import Observing
+from runtime.core.alerts import Freeze
 from runtime.core.engine import (
     BreakerReset,
     BreakerTripped,
     EngineStatus,
     Event,
+    Finding,
     FindingCleared,
     FindingOpened,
     Intent,
@@ -155,8 +158,10 @@ class Agent:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  wall: Wall = utc_now,
                  link: BusLink | None = None,
-                 deliberator: Deliberator | None = None) -> None:
+                 deliberator: Deliberator | None = None,
+                 alerts: AgentAlerts | None = None) -> None:
         self.persona = persona
+        self.alerts = alerts
         self.metrics = metrics
         self.link = link
         self.deliberator = deliberator
@@ -186,6 +191,8 @@ class Agent:
             roots["watchdog"] = self._watchdog(self.timing.watchdog)
         if self.link is not None:
             roots["bus"] = self.link.run()
+        if self.alerts is not None:
+            roots["alerts"] = self.alerts.alerter.run()
         try:
             return await supervise(roots, stop, grace=self.timing.grace)
         finally:
@@ -280,6 +287,8 @@ class Agent:
             _log_event(event)
         if self.link is not None:
             await self.link.publish_findings(evaluation.events)
+        if self.alerts is not None:  # before the execution concludes (forgets) the repairs
+            self.alerts.events(evaluation.events, self.execution.repair_of)
         await self.execution.on_events(evaluation.events)
         report.findings_open = len(evaluation.findings)
         report.intents = len(evaluation.intents)
@@ -297,9 +306,23 @@ class Agent:
                    else self.deliberator.decide(evaluation, snapshot))
         for intent in intents:
             await self._carry_out(intent, report)
+        if self.alerts is not None:
+            self._alert(evaluation.findings)
+
+    def _alert(self, findings: tuple[Finding, ...]) -> None:
+        view = self.link.view if self.link is not None else None
+        frozen = view.frozen if view is not None else None
+        heard = ({n: p.last_heartbeat for n, p in view.peers.items()
+                  if p.last_heartbeat is not None} if view is not None else {})
+        assert self.alerts is not None
+        self.alerts.tick(findings=findings, breakers=self.engine.status().breakers,
+                         freeze=Freeze("an operator", frozen.reason) if frozen else None,
+                         heard=heard, now=self._wall())
 
     async def _carry_out(self, intent: Intent, report: TickReport) -> None:
         carried: Carried = await self.execution.carry_out(intent)
+        if self.alerts is not None:
+            self.alerts.carried(intent, carried, self.execution.repair_of(intent.id))
         if carried == "left":
             report.holds += 1
         elif carried == "refused":

@@ -123,6 +123,15 @@ class Metrics:
         self._tokens = Counter("zeta_agent_model_tokens_total",
                                "Model tokens spent, by kind (input, output).",
                                (*p, "kind"), registry=r)
+        self._alert_posts = Counter("zeta_agent_alert_posts_total",
+                                    "Posts of alerts to a sink (Alertmanager, webhook), by "
+                                    "result.", (*p, "sink", "result"), registry=r)
+        self._alerts_pending = Gauge("zeta_agent_alerts_pending",
+                                     "Alert changes not yet delivered to a sink (spooled).",
+                                     (*p, "sink"), registry=r)
+        self._alerts_firing = Gauge("zeta_agent_alerts_firing",
+                                    "Alerts this agent has firing now.", p,
+                                    registry=r).labels(persona)
         # Every known label value starts at 0, so rate() and absent() work from the
         # first scrape, before the first event of each kind.
         for family, values in ((self._proposals, PROPOSAL_OUTCOMES),
@@ -187,6 +196,17 @@ class Metrics:
         """Read the connection state and the verifier's drop counts at every scrape."""
         self._bus.set_function(lambda: float(connected()))
         self.registry.register(_Dropped(self.persona, dropped))
+
+    # ------------------------------------------------------------ alerts
+
+    def alert_post(self, sink: str, *, ok: bool, pending: int) -> None:
+        self._alert_posts.labels(self.persona, sink, EXECUTION_RESULTS[not ok]).inc()
+        self._alerts_pending.labels(self.persona, sink).set(pending)
+
+    def alerts(self, firing: int, pending: Mapping[str, int]) -> None:
+        self._alerts_firing.set(firing)
+        for sink, count in pending.items():
+            self._alerts_pending.labels(self.persona, sink).set(count)
 
     # ------------------------------------------------------------ the model brain
 

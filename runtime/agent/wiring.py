@@ -22,6 +22,7 @@ from bus import subjects
 from bus.connection import Connection
 from bus.journal import Journal
 from runtime import __version__
+from runtime.agent.alerting import agent_alerts
 from runtime.agent.deliberating import Deliberator, thinker_for
 from runtime.agent.escalate import Escalate
 from runtime.agent.execution import Execution
@@ -132,9 +133,11 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
              kubernetes=kubernetes.url if kubernetes is not None else
              f"not observed: no usable kubeconfig at {kubeconfig}",
              actuators=sorted(registry.names) or "none: every intent that would act is refused")
+    alerts = agent_alerts(config, persona.name, state_dir=state_dir, metrics=metrics,
+                          environ=environ, wall=wall)
     return Agent(persona, engine=engine, observing=observing, execution=execution,
                  notifier=notifier, timing=timing, link=link, deliberator=deliberator,
-                 metrics=metrics, wall=wall)
+                 metrics=metrics, wall=wall, alerts=alerts)
 
 
 def serve(config: ConfigSet, persona_name: str, *, state_dir: Path, once: bool = False,

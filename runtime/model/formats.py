@@ -618,8 +618,49 @@ class Safety(Model):
     hostEvidence: HostEvidence = HostEvidence()  # noqa: N815
 
 
+def _check_http_url(text: str) -> str:
+    return check_url(text, ("http", "https"), "http://127.0.0.1:9093")
+
+
+HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+
+
+class Webhook(Model):
+    """A generic receiver: the alerts as a signed JSON body (docs/operations.md#alerts)."""
+
+    url: str = Field(description="Where to POST; a path is allowed.",
+                     pattern=r"^https?://[^/\s@]+(/\S*)?$")
+    secret: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The credential holding the HMAC key (a file name under the persona's "
+                    "credentials); without one the body is not signed.")
+
+
+class AlertingSpec(Model):
+    """Where the agents send alerts, and how often a firing one is refreshed."""
+
+    alertmanagers: tuple[HttpUrl, ...] = Field(
+        default=(), description="Alertmanager base URLs; each gets every alert (API v2).")
+    webhooks: tuple[Webhook, ...] = ()
+    resend: Duration = Field(
+        default=timedelta(minutes=1),
+        description="A firing alert is posted again this often.")
+    resolveTimeout: Duration = Field(  # noqa: N815
+        default=timedelta(minutes=5),
+        description="A firing alert's endsAt is this far ahead of its last post, so it "
+                    "resolves by itself if no agent is left to refresh it.")
+
+    @model_validator(mode="after")
+    def _refreshed_in_time(self) -> Self:
+        if self.resend >= self.resolveTimeout:
+            raise ValueError("resend must be shorter than resolveTimeout, or a firing alert "
+                             "would lapse between two posts")
+        return self
+
+
 class FleetSpec(Model):
     bus: BusSettings = BusSettings()
+    alerting: AlertingSpec = AlertingSpec()
     operators: tuple[BusUser, ...] = Field(
         default=(), description="May sign freeze, thaw and breaker-reset controls.")
     watchers: tuple[BusUser, ...] = Field(
