@@ -80,6 +80,9 @@ class Heartbeat(Wire):
     bus: Literal["connected", "disconnected"]
     kubernetes: Text = Field(description="'observed', 'unreachable: …' or 'not observed'.")
     frozen: bool = False
+    paused: tuple[Short, ...] = Field(
+        default=(), max_length=64,
+        description="The pauses in force: policy names, `*` for every policy.")
     scopes_digest: Short
     policies_digest: Short
     node: NodeReport | None = Field(
@@ -215,9 +218,19 @@ class Result(Wire):
 
 
 class Control(Wire):
-    verb: Literal["freeze", "thaw", "breaker-reset"]
+    verb: Literal["freeze", "thaw", "breaker-reset", "pause", "resume"]
     reason: Text = Field(min_length=1)
-    policy: Short | None = None
+    policy: Short | None = Field(
+        default=None, description="breaker-reset: the policy; pause and resume: the policy "
+                                  "they hold or release (none: every policy).")
+    until: Time | None = Field(
+        default=None, description="pause: when it lapses by itself (required).")
+
+    @model_validator(mode="after")
+    def _until_for_pause(self) -> Self:
+        if (self.verb == "pause") != (self.until is not None):
+            raise ValueError("a pause, and only a pause, has an `until`")
+        return self
 
 
 BODIES: dict[str, type[Wire]] = {

@@ -229,6 +229,10 @@ RUN: dict[str, Run] = {
     "zeta-agent thaw --operator alice --reason \"etcd healthy again\"": CONTROL,
     ("zeta-agent breaker-reset --operator alice --reason \"storm over\" "
      "--policy node-not-ready"): CONTROL,
+    ("zeta-agent pause --operator alice --policy node-not-ready --for 2h "
+     "--reason \"kernel upgrades\""): CONTROL,
+    "zeta-agent pause --operator alice --all --for 30m --reason \"etcd maintenance\"": CONTROL,
+    "zeta-agent resume --operator alice --all --reason \"done early\"": CONTROL,
     "zeta-agent render rbac otto --config-dir /etc/zeta | kubectl apply -f -": Run(
         shell="zeta-agent render rbac otto --config-dir /etc/zeta > otto-rbac.yaml",
         expect="", why="no cluster to apply it to; tests/test_rbac.py applies the "

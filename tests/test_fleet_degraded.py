@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,42 @@ async def test_a_frozen_fleet_observes_but_does_nothing_destructive_until_thawed
     kinds = [m["kind"] for m in audit]
     assert kinds.index("control") < kinds.index("proposal")
     assert [m["body"]["verb"] for m in audit if m["kind"] == "control"] == ["freeze", "thaw"]
+
+
+async def test_a_pause_holds_repairs_then_lapses_by_itself(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """A pause read from the audit at start holds the repair; nobody resumes it, and
+    the repair goes ahead once its `until` passes."""
+    pub = write_seed(tmp_path / "operator-creds", "alice")
+    alice = Signer((tmp_path / "operator-creds" / "alice" / "nkey.seed").read_bytes())
+    actuator = RecordingActuator(Outcome(ok=True))
+    agents = _fleet(tmp_path, nats_server.url, operators=[{"name": "alice", "nkey": pub}],
+                    actuators={"host.unit.restart": actuator})
+    operator = Connection([nats_server.url], name="operator", seed=None)
+    await operator.connect()
+    await ensure(operator.js, Settings())
+    until = datetime.now(UTC) + timedelta(seconds=6)
+    body = Control(verb="pause", reason="drill: hands off for a moment", until=until)
+    envelope = seal("control", sender="alice", host="laptop", body=body, signer=alice)
+    await operator.publish(subjects.control("pause"), envelope)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
+    otto = agents["otto"]
+    try:
+        async with asyncio.timeout(20):
+            await _until(lambda: otto.link is not None and otto.ticks >= 3
+                         and bool(otto.link.view.pauses.active(datetime.now(UTC))))
+        assert actuator.runs == [], "held while paused"
+        assert otto.engine.status().open_findings >= 1, "a paused fleet still observes"
+        async with asyncio.timeout(30):
+            await _until(lambda: bool(actuator.runs))
+        assert datetime.now(UTC) >= until, "not before the pause lapsed"
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await operator.close()
+    assert [m["body"]["verb"] for m in await _audit(nats_server)
+            if m["kind"] == "control"] == ["pause"], "it lapsed with no resume"
 
 
 async def test_with_the_bus_down_destructive_work_is_refused_and_other_repairs_are_journaled(

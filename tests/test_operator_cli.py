@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,32 @@ async def test_thaw_and_breaker_reset(fleet: Fleet, reader: Connection) -> None:
     assert thaw.body == Control(verb="thaw", reason="etcd healthy")
     assert reset.body == Control(verb="breaker-reset", reason="storm over",
                                  policy="node-not-ready")
+
+
+async def test_pause_and_resume_are_signed_controls_and_a_pause_lapses(
+        fleet: Fleet, reader: Connection, capsys: pytest.CaptureFixture[str]) -> None:
+    before = datetime.now(UTC)
+    assert await run(fleet, "pause", "--operator", OPERATOR, "--reason", "etcd upgrade",
+                     "--policy", "node-not-ready", "--for", "30m") == 0
+    assert await run(fleet, "resume", "--operator", OPERATOR, "--reason", "done",
+                     "--all") == 0
+    verifier = Verifier(keys={}, operators={OPERATOR: fleet.key})
+    pause = verifier.check(subjects.control("pause"), await stored(reader, "pause"))
+    resume = verifier.check(subjects.control("resume"), await stored(reader, "resume"))
+    assert isinstance(pause, Accepted)
+    assert isinstance(resume, Accepted)
+    assert isinstance(pause.body, Control)
+    assert pause.body.policy == "node-not-ready"
+    assert pause.body.until is not None
+    assert before + timedelta(minutes=30) <= pause.body.until <= (
+        datetime.now(UTC) + timedelta(minutes=30))
+    assert resume.body == Control(verb="resume", reason="done")
+    capsys.readouterr()
+    for wrong in ("0s", "8d"):
+        code = await run(fleet, "pause", "--operator", OPERATOR, "--reason", "x", "--all",
+                         "--for", wrong)
+        assert code == 2
+        assert "--for must be more than 0s and at most 7d" in capsys.readouterr().err
 
 
 async def test_a_seed_that_is_not_the_listed_key_is_refused(

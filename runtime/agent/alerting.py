@@ -44,6 +44,7 @@ from runtime.core.alerts import (
     Breaker,
     FleetState,
     Freeze,
+    Paused,
     Posting,
     RepairAlerts,
     SilentPeer,
@@ -328,7 +329,8 @@ class AgentAlerts:
                                    guard=intent.guard)
 
     def tick(self, *, findings: Iterable[Finding], breakers: Iterable[str],
-             freeze: Freeze | None, heard: Mapping[str, datetime], now: datetime) -> int:
+             freeze: Freeze | None, heard: Mapping[str, datetime], now: datetime,
+             paused: Iterable[Paused] = ()) -> int:
         alive = frozenset(name for name, at in heard.items() if now - at <= HEARD_WITHIN)
         silent = tuple(SilentPeer(f.target.name, f.summary) for f in findings
                        if f.policy in self._peer_policies)
@@ -336,7 +338,7 @@ class AgentAlerts:
             me=self.persona, alive=alive, runners=self._runners, everyone=self._everyone,
             breakers=tuple(Breaker(p, self._breaker_reasons.get(p, "tripped"))
                            for p in breakers),
-            freeze=freeze, silent=silent)
+            freeze=freeze, silent=silent, paused=tuple(paused))
         return self.alerter.update([*self.repairs.alerts, *fleet_alerts(state)])
 
 

@@ -24,10 +24,11 @@ from typing import Literal
 import structlog
 
 from bus import leases
+from bus.envelope import format_time
 from bus.ids import new_id
 from bus.messages import EvidencePath, Proposal, QuorumRule
 from runtime.agent.acting import DryRunOnly, run_actuator
-from runtime.agent.link import BUS_ERRORS, BusLink
+from runtime.agent.link import ALL_POLICIES, BUS_ERRORS, BusLink
 from runtime.agent.metrics import Metrics
 from runtime.agent.observing import Observing
 from runtime.core.authorizing import authorize
@@ -71,6 +72,18 @@ class Execution:
         self._repairs: dict[str, tuple[str, leases.Lease | None]] = {}  # intent id → repair, lease
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def paused(self, intent: Intent) -> str | None:
+        """Why an operator's pause holds ``intent`` now, or None. Compensations and
+        escalations are never held: undoing a repair and telling people stay allowed."""
+        if self.link is None or _compensation(intent) or intent.action.name == "bus.escalate":
+            return None
+        pause = self.link.view.pauses.holding(intent.policy, self.wall())
+        if pause is None:
+            return None
+        scope = "every policy" if pause.scope == ALL_POLICIES else f"policy {pause.scope}"
+        return (f"paused by {pause.by} until {format_time(pause.until)} ({scope}): "
+                f"{pause.reason}")
+
     def repair_of(self, intent_id: str) -> str | None:
         """The bus repair id of an intent in flight (None: not one of ours, or none yet)."""
         entry = self._repairs.get(intent_id)
@@ -101,6 +114,12 @@ class Execution:
             # a warning (or a count) every time the engine offers the step again.
             self.engine.refused(intent.id, self.wall(), verdict.reason)
             log.debug("intent left to the executors", **context)
+            return "left"
+        if (pause := self.paused(intent)) is not None:
+            # Held, not refused: asked again every tick, so it goes as soon as the pause
+            # lapses or is lifted.
+            self.engine.refused(intent.id, self.wall(), pause, retry_after=self._tick)
+            log.info("intent held", **context, reason=pause)
             return "left"
         found = self._actuator(intent) if verdict.allowed else verdict.reason
         if isinstance(found, str):

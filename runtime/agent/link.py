@@ -107,6 +107,68 @@ class FreezeState:
         return self
 
 
+ALL_POLICIES = "*"
+"""The scope of a pause or resume that names no policy."""
+
+
+@dataclass(frozen=True)
+class Pause:
+    """An operator's hold on a policy's repairs (or every policy's), lapsing at ``until``."""
+
+    scope: str
+    reason: str
+    by: str
+    at: datetime
+    id: str
+    until: datetime
+
+
+class Pauses:
+    """The pauses in force, from signed pause and resume controls in any order.
+
+    A control counts by its signed time (then id), never by arrival: a pause older than
+    the last resume of its scope (or of every policy) stays lifted, and a delayed old
+    resume lifts no newer pause. Expiry needs no message: a pause past ``until`` holds
+    nothing.
+    """
+
+    def __init__(self) -> None:
+        self._pauses: dict[str, Pause] = {}
+        self._resumed: dict[str, tuple[datetime, str]] = {}
+
+    def apply(self, control: Control, *, by: str, at: datetime, id: str) -> bool:
+        """Take a pause or resume into account; False if it is older than the state."""
+        scope = control.policy or ALL_POLICIES
+        stamp = (at, id)
+        if control.verb == "pause":
+            assert control.until is not None
+            lifted = max(self._resumed.get(scope, (at, "")), self._resumed.get(
+                ALL_POLICIES, (at, "")))
+            current = self._pauses.get(scope)
+            if stamp < lifted or (current is not None and stamp < (current.at, current.id)):
+                return False
+            self._pauses[scope] = Pause(scope, control.reason, by, at, id, control.until)
+            return True
+        if stamp < self._resumed.get(scope, stamp):
+            return False
+        self._resumed[scope] = stamp
+        for key, pause in list(self._pauses.items()):
+            if (scope in (ALL_POLICIES, key)) and (pause.at, pause.id) < stamp:
+                del self._pauses[key]
+        return True
+
+    def active(self, now: datetime) -> list[Pause]:
+        return sorted((p for p in self._pauses.values() if now < p.until),
+                      key=lambda p: p.scope)
+
+    def holding(self, policy: str, now: datetime) -> Pause | None:
+        """The pause that holds ``policy``'s repairs now, if any."""
+        for pause in self.active(now):
+            if pause.scope in (ALL_POLICIES, policy):
+                return pause
+        return None
+
+
 def peek_control(data: bytes) -> Control | None:
     """The control body of a message that did not verify, if it has one: to tell an
     unverifiable freeze from junk. Never trusted beyond that."""
@@ -186,6 +248,7 @@ class BusView:
         self.problems: list[str] = []
         self.jetstream_error: str | None = None  # the last lease-bucket read that failed
         self.freeze = FreezeState()
+        self.pauses = Pauses()
         self.peers: dict[str, PeerObs] = {}
         # When this agent began to hear heartbeats: a peer's silence is measured from
         # here, so peers not heard from *yet* at start-up are not counted as silent
@@ -354,9 +417,26 @@ class BusLink:
             return
         for message in stored:
             self.view.freeze = self.view.freeze.after(self._control_state(message))
+        self._restore_pauses(stored)
         if self.view.frozen is not None and self.view.freeze.at is not None:
             log.warning("fleet is frozen: destructive work refused", reason=self.view.frozen.reason,
                         since=format_time(self.view.freeze.at))
+
+    def _restore_pauses(self, stored: Iterable[Stored]) -> None:
+        """Pauses survive a restart: every verified pause and resume, in signed order."""
+        controls = []
+        for message in stored:
+            checked = self.verifier.check(message.subject, message.data, live=False)
+            if (isinstance(checked, Accepted) and isinstance(checked.body, Control)
+                    and checked.body.verb in ("pause", "resume")
+                    and message.subject == subjects.control(checked.body.verb)):
+                controls.append((checked.envelope.at, checked.envelope.id, checked))
+        for at, id_, checked in sorted(controls, key=lambda c: (c[0], c[1])):
+            assert isinstance(checked.body, Control)
+            self.view.pauses.apply(checked.body, by=checked.envelope.sender, at=at, id=id_)
+        for pause in self.view.pauses.active(self.view.wall()):
+            log.warning("repairs paused", scope=pause.scope, by=pause.by, reason=pause.reason,
+                        until=format_time(pause.until))
 
     def _control_state(self, message: Stored) -> FreezeState | None:
         """What one stored control says about the freeze, or None if it says nothing."""
@@ -393,6 +473,7 @@ class BusLink:
         body = Heartbeat(
             pid=os.getpid(), version=__version__, tick=self._ticks, status=self._status,
             bus="connected", kubernetes=self._kubernetes, frozen=self.view.frozen is not None,
+            paused=tuple(p.scope for p in self.view.pauses.active(self.view.wall())),
             scopes_digest=self._scopes_digest, policies_digest=self._policies_digest,
             node=self._node)
         try:
@@ -477,6 +558,11 @@ class BusLink:
                 log.warning("operator control older than the freeze state: ignored",
                             verb=control.verb, at=format_time(envelope.at))
             self.view.freeze = state
+        elif control.verb in ("pause", "resume"):
+            if not self.view.pauses.apply(control, by=envelope.sender, at=envelope.at,
+                                          id=envelope.id):
+                log.warning("operator control older than the pause state: ignored",
+                            verb=control.verb, at=format_time(envelope.at))
         elif control.policy is not None:
             self.engine.reset_breaker(control.policy, by=envelope.sender, at=envelope.at)
 

@@ -123,6 +123,10 @@ class Metrics:
         self._tokens = Counter("zeta_agent_model_tokens_total",
                                "Model tokens spent, by kind (input, output).",
                                (*p, "kind"), registry=r)
+        self._paused = Gauge("zeta_agent_paused",
+                             "1 while an operator's pause holds the policy's repairs "
+                             "(policy=\"*\": every policy).", (*p, "policy"), registry=r)
+        self._paused_seen: set[str] = set()
         self._alert_posts = Counter("zeta_agent_alert_posts_total",
                                     "Posts of alerts to a sink (Alertmanager, webhook), by "
                                     "result.", (*p, "sink", "result"), registry=r)
@@ -196,6 +200,12 @@ class Metrics:
         """Read the connection state and the verifier's drop counts at every scrape."""
         self._bus.set_function(lambda: float(connected()))
         self.registry.register(_Dropped(self.persona, dropped))
+
+    def paused(self, scopes: Iterable[str]) -> None:
+        now = set(scopes)
+        self._paused_seen |= now
+        for scope in self._paused_seen:
+            self._paused.labels(self.persona, scope).set(int(scope in now))
 
     # ------------------------------------------------------------ alerts
 

@@ -202,6 +202,14 @@ class SilentPeer:
 
 
 @dataclass(frozen=True)
+class Paused:
+    scope: str  # a policy, or "*" for every policy
+    by: str
+    reason: str
+    until: str
+
+
+@dataclass(frozen=True)
 class FleetState:
     """What one agent sees of the fleet, for the fleet-wide alerts."""
 
@@ -212,6 +220,7 @@ class FleetState:
     freeze: Freeze | None = None
     silent: tuple[SilentPeer, ...] = ()
     everyone: frozenset[str] = frozenset()
+    paused: tuple[Paused, ...] = ()
 
 
 def fleet_alerts(state: FleetState) -> list[Alert]:
@@ -230,6 +239,16 @@ def fleet_alerts(state: FleetState) -> list[Alert]:
             "ZetaFleetFrozen", "warning", {},
             f"the fleet is frozen by {state.freeze.by}: {state.freeze.reason}",
             {"command": "zeta-agent thaw --operator NAME --reason '...'"}))
+    for pause in state.paused:
+        if owner(state.me, state.everyone, state.alive):
+            what = "every policy" if pause.scope == "*" else f"policy {pause.scope}"
+            alerts.append(Alert(
+                "ZetaRepairsPaused", "info", {"policy": pause.scope},
+                f"repairs of {what} are paused by {pause.by} until {pause.until}: "
+                f"{pause.reason}",
+                {"command": f"zeta-agent resume "
+                            f"{'--all' if pause.scope == '*' else '--policy ' + pause.scope} "
+                            "--operator NAME --reason '...'"}))
     for silent in state.silent:
         if owner(state.me, state.everyone - {silent.peer}, state.alive):
             alerts.append(Alert(

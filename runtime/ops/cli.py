@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeAlias, cast
 
@@ -25,6 +26,7 @@ import shtab
 from bus.jetstream import AUDIT_STREAM
 from runtime import __version__
 from runtime.agent import logs
+from runtime.model.durations import parse_duration
 from runtime.model.formats import check_bus_url
 from runtime.ops.audit import audit_command
 from runtime.ops.common import (
@@ -229,10 +231,20 @@ def _bus_parsers(commands: Commands) -> None:
         command.set_defaults(handler=bus_resources_command)
 
 
+def _duration(value: str) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _control_parsers(commands: Commands) -> None:
     for verb, summary in (("freeze", "stop all destructive work fleet-wide"),
                           ("thaw", "resume destructive work after a freeze"),
-                          ("breaker-reset", "close a policy's tripped circuit breaker")):
+                          ("breaker-reset", "close a policy's tripped circuit breaker"),
+                          ("pause", "hold a policy's repairs (or all) for a while; they "
+                                    "resume by themselves"),
+                          ("resume", "lift a pause before it lapses")):
         command = _add(commands,
             verb, help=f"{summary} (signed with an operator key)",
             description=f"{summary[0].upper()}{summary[1:]}: publish a control signed with "
@@ -245,6 +257,15 @@ def _control_parsers(commands: Commands) -> None:
         if verb == "breaker-reset":
             command.add_argument("--policy", required=True, metavar="P",
                                  help="the policy whose breaker to reset")
+        if verb in ("pause", "resume"):
+            which = command.add_mutually_exclusive_group(required=True)
+            which.add_argument("--policy", metavar="P", help="only this policy's repairs")
+            which.add_argument("--all", action="store_true", help="every policy's repairs")
+        if verb == "pause":
+            command.add_argument("--for", dest="duration", required=True, type=_duration,
+                                 metavar="DURATION",
+                                 help="how long, e.g. 30m or 2h (at most 7d); compensations "
+                                      "(uncordon, lease release) still run")
         command.add_argument("--seed", type=Path, metavar="FILE",
                              help="the operator's nkey seed "
                                   "(default: <credentialsDir>/NAME/nkey.seed)")

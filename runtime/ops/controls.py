@@ -20,6 +20,7 @@ import re
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -38,6 +39,7 @@ from runtime.agent import logs
 from runtime.agent.link import jetstream_settings
 from runtime.config.credentials import CredentialError, seed_file, write_seed
 from runtime.config.files import Staged
+from runtime.model.durations import format_duration
 from runtime.model.formats import Fleet
 from runtime.ops.common import (
     UserError,
@@ -52,6 +54,9 @@ from runtime.ops.common import (
 # `nkey:` and the scalar after it: quoted, or plain up to a space, a comment or the
 # end of a flow mapping (possibly empty, for a file waiting for its first key).
 _NKEY = re.compile(r"nkey[ \t]*:(?P<space>[ \t]*)(?P<value>\"[^\"]*\"|'[^']*'|[^\s,#}\]]*)")
+
+
+MAX_PAUSE = timedelta(days=7)
 
 
 class OperatingError(Exception):
@@ -181,10 +186,11 @@ def operator_signer(fleet: Fleet, operator: str, seed: bytes, source: Path) -> S
 
 
 def control(verb: str, *, operator: str, signer: Signer, reason: str, policy: str | None,
-            host: str) -> Envelope:
+            host: str, until: datetime | None = None) -> Envelope:
     """The signed control envelope; OperatingError if ``Control`` refuses the verb or reason."""
     try:
-        body = Control.model_validate({"verb": verb, "reason": reason, "policy": policy})
+        body = Control.model_validate({"verb": verb, "reason": reason, "policy": policy,
+                                       "until": until})
     except ValidationError as exc:
         raise OperatingError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                        for e in exc.errors())) from None
@@ -266,6 +272,11 @@ def control_command(args: argparse.Namespace) -> int:
     if policy is not None and policy not in config.policies:
         known = ", ".join(sorted(config.policies)) or "none"
         raise UserError(f"no policy {policy!r} in {directory / 'policies'}; known: {known}")
+    duration: timedelta | None = getattr(args, "duration", None)
+    if duration is not None and not timedelta(0) < duration <= MAX_PAUSE:
+        raise UserError(f"--for must be more than 0s and at most {format_duration(MAX_PAUSE)}: "
+                        "a longer hold is a freeze, which someone must lift")
+    until = datetime.now(UTC) + duration if duration is not None else None
     fleet = config.fleet.spec
     seed_path = args.seed or seed_file(Path(fleet.credentialsDir), args.operator)
     seed = read_seed(seed_path) or b""
@@ -275,8 +286,8 @@ def control_command(args: argparse.Namespace) -> int:
     try:
         signer = operator_signer(config.fleet, args.operator, seed, seed_path)
         envelope = control(args.verb, operator=args.operator, signer=signer,
-                                     reason=args.reason, policy=policy,
-                                     host=socket.gethostname())
+                           reason=args.reason, policy=policy, host=socket.gethostname(),
+                           until=until)
         problems = asyncio.run(send(
             envelope, urls=urls, seed=seed, within=args.timeout,
             settings=jetstream_settings(config)))

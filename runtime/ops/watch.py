@@ -101,8 +101,10 @@ def describe(envelope: Envelope, body: BaseModel) -> str:
             return (f"{who} result {body.outcome}{dry}: {body.action} on {body.target.key}: "
                     f"{body.detail}")
         case Control():
-            scope = f" {body.policy}" if body.policy else ""
-            return f"{who} (operator) {body.verb}{scope}: {body.reason}"
+            scope = f" {body.policy}" if body.policy else (
+                " every policy" if body.verb in ("pause", "resume") else "")
+            until = f" until {format_time(body.until)}" if body.until else ""
+            return f"{who} (operator) {body.verb}{scope}{until}: {body.reason}"
     return f"{who} sent a {envelope.kind}"
 
 
