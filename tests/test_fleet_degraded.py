@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -124,24 +125,35 @@ async def test_the_bus_dies_mid_vote_nothing_runs_and_the_audit_has_no_duplicate
     assert not [m for m in audit if m["kind"] in ("started", "result")]
 
 
-async def test_a_frozen_fleet_observes_but_does_nothing_destructive_until_thawed(
-        tmp_path: Path, nats_server: NatsServer) -> None:
+async def _operated_fleet(tmp_path: Path, nats_server: NatsServer,
+                          actuator: RecordingActuator
+                          ) -> tuple[dict[str, Agent], Connection,
+                                     Callable[[Control], Awaitable[None]]]:
+    """The fleet with operator alice listed, her connection, and a way to send her
+    controls (signed with her seed) into the audit stream."""
     pub = write_seed(tmp_path / "operator-creds", "alice")
     alice = Signer((tmp_path / "operator-creds" / "alice" / "nkey.seed").read_bytes())
     assert alice.public_key == pub
-    actuator = RecordingActuator(Outcome(ok=True))
     agents = _fleet(tmp_path, nats_server.url, operators=[{"name": "alice", "nkey": pub}],
                     actuators={"host.unit.restart": actuator})
     operator = Connection([nats_server.url], name="operator", seed=None)
     await operator.connect()
     await ensure(operator.js, Settings())
 
-    async def control(verb: str) -> None:
-        body = Control(verb=verb, reason=f"drill: {verb}")
+    async def control(body: Control) -> None:
         envelope = seal("control", sender="alice", host="laptop", body=body, signer=alice)
-        await operator.publish(subjects.control(verb), envelope)
+        await operator.publish(subjects.control(body.verb), envelope)
 
-    await control("freeze")  # before the agents start: they must read it from the audit
+    return agents, operator, control
+
+
+async def test_a_frozen_fleet_observes_but_does_nothing_destructive_until_thawed(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    actuator = RecordingActuator(Outcome(ok=True))
+    agents, operator, control = await _operated_fleet(tmp_path, nats_server, actuator)
+
+    # Before the agents start: they must read it from the audit.
+    await control(Control(verb="freeze", reason="drill: freeze"))
     stop = asyncio.Event()
     tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
     otto = agents["otto"]
@@ -151,7 +163,7 @@ async def test_a_frozen_fleet_observes_but_does_nothing_destructive_until_thawed
                          and otto.link.view.frozen is not None and otto.ticks >= 4)
         assert actuator.runs == []
         assert otto.engine.status().open_findings >= 1, "a frozen fleet still observes"
-        await control("thaw")
+        await control(Control(verb="thaw", reason="drill: thaw"))
         async with asyncio.timeout(30):
             await _until(lambda: bool(actuator.runs))
     finally:
@@ -168,18 +180,10 @@ async def test_a_pause_holds_repairs_then_lapses_by_itself(
         tmp_path: Path, nats_server: NatsServer) -> None:
     """A pause read from the audit at start holds the repair; nobody resumes it, and
     the repair goes ahead once its `until` passes."""
-    pub = write_seed(tmp_path / "operator-creds", "alice")
-    alice = Signer((tmp_path / "operator-creds" / "alice" / "nkey.seed").read_bytes())
     actuator = RecordingActuator(Outcome(ok=True))
-    agents = _fleet(tmp_path, nats_server.url, operators=[{"name": "alice", "nkey": pub}],
-                    actuators={"host.unit.restart": actuator})
-    operator = Connection([nats_server.url], name="operator", seed=None)
-    await operator.connect()
-    await ensure(operator.js, Settings())
+    agents, operator, control = await _operated_fleet(tmp_path, nats_server, actuator)
     until = datetime.now(UTC) + timedelta(seconds=6)
-    body = Control(verb="pause", reason="drill: hands off for a moment", until=until)
-    envelope = seal("control", sender="alice", host="laptop", body=body, signer=alice)
-    await operator.publish(subjects.control("pause"), envelope)
+    await control(Control(verb="pause", reason="drill: hands off for a moment", until=until))
     stop = asyncio.Event()
     tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
     otto = agents["otto"]
