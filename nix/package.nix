@@ -29,6 +29,7 @@ python3Packages.buildPythonApplication {
     python3Packages.pynacl
     python3Packages.prometheus-client
     python3Packages.shtab
+    python3Packages.cronsim
   ];
 
   postInstall = ''

@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import cast
+from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from bus.messages import Control
+from bus.messages import Control, Target
+from runtime.agent.execution import Execution
 from runtime.agent.link import ALL_POLICIES, Pauses
+from runtime.agent.metrics import Metrics
+from runtime.agent.observing import Observing
+from runtime.core.engine import PolicyEngine
+from runtime.core.ports import Actuators
+from runtime.model.formats import MaintenanceWindow
+from runtime.ops.cli import main
+from tests.builders import intent, persona
 
 T0 = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
@@ -79,3 +92,68 @@ def test_the_state_does_not_depend_on_arrival_order(
         arrived.apply(control, by="alice", at=at, id=ids[id(control)])
     now = T0 + timedelta(seconds=60)
     assert [p.scope for p in in_order.active(now)] == [p.scope for p in arrived.active(now)]
+
+
+# ---------------------------------------------------------------- maintenance windows
+
+
+def window(**fields: object) -> MaintenanceWindow:
+    return MaintenanceWindow.model_validate({"name": "kernel", "schedule": "0 2 * * 6",
+                                             "duration": "2h", "timeZone": "Europe/Berlin",
+                                             **fields})
+
+
+def test_a_window_is_open_from_its_local_start_for_its_duration() -> None:
+    berlin = ZoneInfo("Europe/Berlin")
+    saturday = datetime(2026, 12, 5, 2, 30, tzinfo=berlin)  # 01:30 UTC
+    assert window().closes(saturday) == datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
+    assert window().closes(datetime(2026, 12, 5, 4, 0, tzinfo=berlin)) is None, "closed at 4"
+    assert window().closes(datetime(2026, 12, 5, 1, 59, tzinfo=berlin)) is None
+    assert window().closes(datetime(2026, 12, 4, 2, 30, tzinfo=berlin)) is None, "a Friday"
+    # Summer time: still 02:00 in Berlin, which is 00:00 UTC.
+    july = datetime(2026, 7, 4, 0, 30, tzinfo=UTC)
+    assert window().closes(july) == datetime(2026, 7, 4, 2, 0, tzinfo=UTC)
+
+
+def test_a_window_holds_its_policies_or_all() -> None:
+    assert window().holds("anything")
+    only = window(policies=["node-not-ready"])
+    assert only.holds("node-not-ready")
+    assert not only.holds("pod-crashloop")
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"schedule": "0 2 * *"}, "expected 5 cron fields"),
+    ({"schedule": "61 2 * * 6"}, "not a cron expression"),
+    ({"timeZone": "Mars/Olympus"}, "is not an IANA time zone"),
+    ({"duration": "30s"}, "must be between 1m and 7d"),
+])
+def test_a_window_that_cannot_work_is_refused(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        window(**fields)
+
+
+def test_validate_refuses_a_window_on_an_unknown_policy(
+        config_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (config_copy / "fleet.yaml").write_text(
+        "apiVersion: zeta/v1\nkind: Fleet\nspec:\n  maintenanceWindows:\n"
+        "    - {name: kernel, schedule: '0 2 * * 6', duration: 2h,\n"
+        "       policies: [node-not-redy]}\n")
+    assert main(["validate", str(config_copy)]) == 1
+    assert ("fleet.yaml:6: spec.maintenanceWindows[0].policies[0]: no RepairPolicy named "
+            "'node-not-redy'") in capsys.readouterr().err
+
+
+def test_repairs_are_held_inside_a_window_only_and_compensations_never() -> None:
+    now = [datetime(2026, 12, 5, 1, 30, tzinfo=UTC)]  # 02:30 in Berlin, a Saturday
+    execution = Execution(persona(), engine=cast(PolicyEngine, None),
+                          actuators=Actuators({}), observing=cast(Observing, None), link=None,
+                          metrics=Metrics("otto"), wall=lambda: now[0],
+                          tick=timedelta(seconds=1), windows=[window()])
+    cordon = intent("k8s.node.cordon", Target(kind="node", name="worker-1"))
+    assert execution.paused(cordon) == (
+        "maintenance window kernel until 2026-12-05T03:00:00.000Z")
+    assert execution.paused(intent("k8s.node.uncordon",
+                                   Target(kind="node", name="worker-1"))) is None
+    now[0] = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
+    assert execution.paused(cordon) is None, "closed"

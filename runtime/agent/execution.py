@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Literal
 
@@ -31,12 +31,13 @@ from runtime.agent.acting import DryRunOnly, run_actuator
 from runtime.agent.link import ALL_POLICIES, BUS_ERRORS, BusLink
 from runtime.agent.metrics import Metrics
 from runtime.agent.observing import Observing
+from runtime.core.alerts import Paused
 from runtime.core.authorizing import authorize
 from runtime.core.detecting import detect
 from runtime.core.engine import Event, Intent, PolicyEngine, RepairVerified, StepFailed
 from runtime.core.ports import Actuator, Actuators, NoActuatorError, Outcome, Wall
 from runtime.model.catalog import COMPENSATIONS
-from runtime.model.formats import Persona
+from runtime.model.formats import MaintenanceWindow, Persona, open_windows
 from runtime.model.paths import PRIMARY
 
 log = structlog.get_logger("execution")
@@ -60,8 +61,10 @@ class Execution:
 
     def __init__(self, persona: Persona, *, engine: PolicyEngine,
                  actuators: Actuators, observing: Observing, link: BusLink | None,
-                 metrics: Metrics, wall: Wall, tick: timedelta) -> None:
+                 metrics: Metrics, wall: Wall, tick: timedelta,
+                 windows: Sequence[MaintenanceWindow] = ()) -> None:
         self.persona = persona
+        self.windows = tuple(windows)
         self.engine = engine
         self.actuators = actuators
         self.observing = observing
@@ -75,14 +78,27 @@ class Execution:
     def paused(self, intent: Intent) -> str | None:
         """Why an operator's pause holds ``intent`` now, or None. Compensations and
         escalations are never held: undoing a repair and telling people stay allowed."""
-        if self.link is None or _compensation(intent) or intent.action.name == "bus.escalate":
+        if _compensation(intent) or intent.action.name == "bus.escalate":
             return None
-        pause = self.link.view.pauses.holding(intent.policy, self.wall())
+        now = self.wall()
+        for window, closes in open_windows(self.windows, now):
+            if window.holds(intent.policy):
+                return f"maintenance window {window.name} until {format_time(closes)}"
+        pause = self.link.view.pauses.holding(intent.policy, now) if self.link else None
         if pause is None:
             return None
         scope = "every policy" if pause.scope == ALL_POLICIES else f"policy {pause.scope}"
         return (f"paused by {pause.by} until {format_time(pause.until)} ({scope}): "
                 f"{pause.reason}")
+
+    def holds(self) -> list[Paused]:
+        """Every pause and open maintenance window now, for alerts and metrics."""
+        now = self.wall()
+        pauses = self.link.view.pauses.active(now) if self.link is not None else []
+        return [*(Paused(p.scope, p.by, p.reason, format_time(p.until)) for p in pauses),
+                *(Paused(",".join(w.policies) or ALL_POLICIES, f"maintenance window {w.name}",
+                         f"schedule {w.schedule} ({w.timeZone})", format_time(closes))
+                  for w, closes in open_windows(self.windows, now))]
 
     def repair_of(self, intent_id: str) -> str | None:
         """The bus repair id of an intent in flight (None: not one of ours, or none yet)."""

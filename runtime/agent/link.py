@@ -60,7 +60,7 @@ from runtime.core.engine import (
     policy_digest,
 )
 from runtime.core.ports import Domain, Fence, Observed, Outcome, Wall, utc_now
-from runtime.model.formats import Persona
+from runtime.model.formats import Persona, open_windows
 from runtime.model.snapshot import LeaseObs, PeerObs, SourceStatus
 
 log = structlog.get_logger("bus-link")
@@ -323,6 +323,7 @@ class BusLink:
         self.journal = journal
         self._heartbeat_every = heartbeat_every
         self._settings = jetstream_settings(config)
+        self._windows = config.fleet.spec.maintenanceWindows
         self.verifier = Roster.of(config).verifier()
         self.metrics.watch_bus(lambda: view.connected, self.verifier.dropped)
         self.protocol = Protocol(
@@ -473,7 +474,9 @@ class BusLink:
         body = Heartbeat(
             pid=os.getpid(), version=__version__, tick=self._ticks, status=self._status,
             bus="connected", kubernetes=self._kubernetes, frozen=self.view.frozen is not None,
-            paused=tuple(p.scope for p in self.view.pauses.active(self.view.wall())),
+            paused=(*(p.scope for p in self.view.pauses.active(self.view.wall())),
+                    *(f"window:{w.name}" for w, _ in open_windows(self._windows,
+                                                                 self.view.wall()))),
             scopes_digest=self._scopes_digest, policies_digest=self._policies_digest,
             node=self._node)
         try:

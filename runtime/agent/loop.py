@@ -25,14 +25,13 @@ from typing import Any
 
 import structlog
 
-from bus.envelope import format_time
 from runtime.agent.alerting import AgentAlerts
 from runtime.agent.deliberating import Deliberator
 from runtime.agent.execution import Carried, Execution
 from runtime.agent.link import BusLink
 from runtime.agent.metrics import Metrics
 from runtime.agent.observing import Observing
-from runtime.core.alerts import Freeze, Paused
+from runtime.core.alerts import Freeze
 from runtime.core.engine import (
     BreakerReset,
     BreakerTripped,
@@ -258,8 +257,7 @@ class Agent:
         engine_status = self.engine.status()
         self.metrics.tick(self._last_tick_done - started, failed=error is not None)
         self.metrics.engine_state(self.engine.open_findings(), engine_status.breakers)
-        if self.link is not None:
-            self.metrics.paused(p.scope for p in self.link.view.pauses.active(self._wall()))
+        self.metrics.paused(h.scope for h in self.execution.holds())
         fields = {**vars(report), "duration_ms": round((self._last_tick_done - started) * 1000),
                   "errors": int(error is not None), "errors_total": self.errors}
         if error is None:
@@ -317,13 +315,10 @@ class Agent:
         frozen = view.frozen if view is not None else None
         heard = ({n: p.last_heartbeat for n, p in view.peers.items()
                   if p.last_heartbeat is not None} if view is not None else {})
-        now = self._wall()
-        paused = [Paused(p.scope, p.by, p.reason, format_time(p.until))
-                  for p in view.pauses.active(now)] if view is not None else []
         assert self.alerts is not None
         self.alerts.tick(findings=findings, breakers=self.engine.status().breakers,
                          freeze=Freeze("an operator", frozen.reason) if frozen else None,
-                         heard=heard, now=now, paused=paused)
+                         heard=heard, now=self._wall(), paused=self.execution.holds())
 
     async def _carry_out(self, intent: Intent, report: TickReport) -> None:
         carried: Carried = await self.execution.carry_out(intent)

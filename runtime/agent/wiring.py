@@ -123,7 +123,8 @@ def build(config: ConfigSet, persona_name: str, *, state_dir: Path,
                        metrics=metrics, assess=voter.assess if voter is not None else None)
     execution = Execution(persona, engine=engine, actuators=registry,
                           observing=observing, link=link, metrics=metrics, wall=wall,
-                          tick=timedelta(seconds=timing.tick))
+                          tick=timedelta(seconds=timing.tick),
+                          windows=config.fleet.spec.maintenanceWindows)
     log.info("starting", version=__version__, policies=list(persona.spec.policies),
              tick_s=timing.tick, state_dir=str(state_dir), watchdog_s=timing.watchdog,
              notify_socket=notifier.address,

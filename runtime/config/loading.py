@@ -344,6 +344,20 @@ def _cross_check(config: ConfigSet) -> None:
                         f"veto names persona {name!r}, which is not defined"))
 
 
+def _check_windows(config: ConfigSet) -> None:
+    """A maintenance window may hold only policies that exist (a typo would hold nothing)."""
+    if config.unlisted or not config.policies:
+        return  # unreadable, or a fleet.yaml checked alone: nothing to resolve against
+    for wi, window in enumerate(config.fleet.spec.maintenanceWindows):
+        for pi, name in enumerate(window.policies):
+            if name not in config.policies and ("RepairPolicy", name) not in config.invalid:
+                path = ("spec", "maintenanceWindows", wi, "policies", pi)
+                file, line = _fleet_where(config, *path)
+                config.errors.append(ConfigError(
+                    file, line, _dotted(path), f"no RepairPolicy named {name!r}; known: "
+                    f"{', '.join(sorted(config.policies)) or 'none'}"))
+
+
 def _fleet_where(config: ConfigSet, *path: str | int) -> tuple[str, int]:
     fleet = config.fleet_located
     return (fleet.file, fleet.line_of(*path)) if fleet else ("(built-in fleet defaults)", 0)
@@ -486,6 +500,7 @@ def load(paths: Iterable[Path], *, strict: bool = True) -> ConfigSet:
     _cross_check(config)
     _check_bus_users(config)
     _check_quorums(config)
+    _check_windows(config)
     _check_prompts(config)
     if strict and config.errors:
         raise ConfigInvalidError(config.errors)

@@ -6,14 +6,17 @@ number (see ``runtime.config.loading``) instead of a setting that silently does 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from collections.abc import Mapping
+import zoneinfo
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Self
 
+from cronsim import CronSim, CronSimError
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -658,9 +661,79 @@ class AlertingSpec(Model):
         return self
 
 
+class MaintenanceWindow(Model):
+    """A recurring time during which the matching policies' repairs are held, as by a pause."""
+
+    name: PolicyName
+    schedule: str = Field(description="When it opens: a 5-field cron expression "
+                                      "(minute hour day-of-month month day-of-week).")
+    duration: Duration = Field(description="How long it stays open (1m to 7d).")
+    timeZone: str = Field(  # noqa: N815
+        default="UTC", description="The IANA zone the schedule is read in, e.g. Europe/Berlin.")
+    policies: tuple[PolicyName, ...] = Field(
+        default=(), description="The policies it holds; empty: every policy.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, schedule: str) -> str:
+        if len(schedule.split()) != 5:
+            raise ValueError(f"expected 5 cron fields (minute hour day month weekday), "
+                             f"got {schedule!r}")
+        try:
+            CronSim(schedule, datetime(2026, 1, 1, tzinfo=UTC))
+        except CronSimError as exc:
+            raise ValueError(f"not a cron expression: {exc}") from None
+        return schedule
+
+    @field_validator("duration")
+    @classmethod
+    def _length(cls, duration: timedelta) -> timedelta:
+        if not timedelta(minutes=1) <= duration <= timedelta(days=7):
+            raise ValueError("must be between 1m and 7d")
+        return duration
+
+    def closes(self, now: datetime) -> datetime | None:
+        """When the window open at ``now`` closes, or None if it is not open.
+
+        The schedule is read in the window's own zone (so `0 2 * * 6` is 02:00 local,
+        across daylight saving time); the latest opening not after ``now`` is the one
+        that counts.
+        """
+        local = now.astimezone(zoneinfo.ZoneInfo(self.timeZone))
+        for opens in CronSim(self.schedule, local - self.duration - timedelta(minutes=1)):
+            if opens > local:
+                return None
+            if local < opens + self.duration:
+                return (opens + self.duration).astimezone(UTC)
+        return None
+
+    def holds(self, policy: str) -> bool:
+        return not self.policies or policy in self.policies
+
+    @field_validator("timeZone")
+    @classmethod
+    def _zone(cls, zone: str) -> str:
+        if zone not in _zones():
+            raise ValueError(f"{zone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)")
+        return zone
+
+
+def open_windows(windows: Iterable[MaintenanceWindow],
+                 now: datetime) -> list[tuple[MaintenanceWindow, datetime]]:
+    """The windows open at ``now``, each with when it closes."""
+    return [(w, closes) for w in windows if (closes := w.closes(now)) is not None]
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones()) | {"UTC"}
+
+
 class FleetSpec(Model):
     bus: BusSettings = BusSettings()
     alerting: AlertingSpec = AlertingSpec()
+    maintenanceWindows: tuple[MaintenanceWindow, ...] = Field(  # noqa: N815
+        default=(), description="Recurring holds on repairs (docs/operations.md).")
     operators: tuple[BusUser, ...] = Field(
         default=(), description="May sign freeze, thaw and breaker-reset controls.")
     watchers: tuple[BusUser, ...] = Field(
